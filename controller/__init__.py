@@ -1,0 +1,1 @@
+"""Controller tier: CLI (and later the Ray controller, batching, routing, rollout, HTTP API)."""

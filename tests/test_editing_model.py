@@ -1,0 +1,171 @@
+"""Model-level properties on tiny random models: layout, hooks, batched v*, the editor and its saved state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shared.schemas import EditRequest
+from workers.editing.editor import Editor
+from workers.editing.hooks import add_at_positions, capture, run_until_stopped
+from workers.editing.hparams import EditHParams
+from workers.editing.keys import read_keys_and_output
+from workers.editing.layout import ModelLayout, UnsupportedModelError
+from workers.editing.prompts import key_rows, kl_rows, rewrite_rows
+from workers.editing.state import EditorState
+from workers.editing.stats import SecondMomentCache, StatsCorpus
+from workers.editing.values import compute_target_values
+
+REQUESTS = [
+    EditRequest(subject="france", prompt="the capital of {} is", target_new="rome", target_true="paris"),
+    EditRequest(subject="danielle darrieux", prompt="the mother tongue of {} is", target_new="english"),
+    EditRequest(subject="bbc one", prompt="{} , by", target_new="sega", target_true="bbc"),
+]
+CORPUS_TEXT = "\n\n".join(
+    " ".join(words) for words in [WORDS.split() for WORDS in [
+        "the capital of germany is berlin", "the eiffel tower is located in paris", "who plays jazz piano",
+        "the city of london is famous for music", "what language is spoken in france ? french",
+        "a tower in rome", "because i works at bbc", "therefore you plays music in lyon",
+    ] * 6]
+)
+
+
+def _hp(**kw: object) -> EditHParams:
+    base = dict(layers=(1, 2), v_num_grad_steps=8, n_context_templates=2, context_template_tokens=3,
+                stats_texts=8, stats_text_tokens=8, nullspace_energy=0.9, l2=1.0, mom2_update_weight=10.0,
+                clamp_norm_factor=4.0)
+    return EditHParams(**{**base, **kw})
+
+
+@pytest.fixture
+def stats(tmp_path, tiny_llama):  # noqa: ANN001
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS_TEXT)
+    return SecondMomentCache(tmp_path / "stats", "tiny", StatsCorpus(path=corpus))
+
+
+def test_layout_linear_and_conv1d_orientation(tiny_llama, tiny_gpt2) -> None:  # noqa: ANN001
+    llama = ModelLayout.from_model(tiny_llama)
+    assert llama.weight_name(1) == "model.layers.1.mlp.down_proj.weight"
+    assert llama.weight_name(1) in tiny_llama.state_dict()
+    assert llama.get_weight(tiny_llama, 1).shape == (32, 64)
+
+    gpt2 = ModelLayout.from_model(tiny_gpt2)
+    module = gpt2.mlp_out_module(tiny_gpt2, 1)
+    assert tuple(module.weight.shape) == (128, 32)  # Conv1D stores (d_in, d_out)
+    weight = gpt2.get_weight(tiny_gpt2, 1)
+    assert weight.shape == (32, 128)
+    x = torch.randn(5, 128)
+    torch.testing.assert_close(module(x) - module.bias, x @ weight.T)  # (d_out, d_in) orientation
+    delta = torch.randn(32, 128)
+    gpt2.add_to_weight(tiny_gpt2, 1, delta)
+    torch.testing.assert_close(module(x) - module.bias, x @ (weight + delta).T, rtol=1e-5, atol=1e-5)
+    gpt2.set_weight(tiny_gpt2, 1, weight)
+    assert torch.equal(gpt2.get_weight(tiny_gpt2, 1), weight)  # bit-exact round trip
+
+
+def test_unknown_family_is_rejected(tiny_llama) -> None:  # noqa: ANN001
+    tiny_llama.config.model_type = "mystery"
+    with pytest.raises(UnsupportedModelError, match="mystery"):
+        ModelLayout.from_model(tiny_llama)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+def test_hook_patches_only_the_chosen_batch_row(fixture: str, request: pytest.FixtureRequest) -> None:
+    """A hook written for tuples would patch batch element 0 on tensor-returning layers; ours must not."""
+    model = request.getfixturevalue(fixture)
+    layout = ModelLayout.from_model(model)
+    ids = torch.tensor([[2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13]])
+    base = model(input_ids=ids).logits
+    vec = torch.randn(1, model.config.hidden_size) * 10
+    with add_at_positions(layout.block(model, 1), torch.tensor([1]), torch.tensor([2]), lambda: vec):
+        patched = model(input_ids=ids).logits
+    torch.testing.assert_close(patched[0], base[0])  # row 0 untouched
+    torch.testing.assert_close(patched[1, :2], base[1, :2])  # causal: earlier positions untouched
+    assert (patched[1, 2:] - base[1, 2:]).abs().max() > 1e-3
+
+
+def test_capture_stops_early(tiny_llama) -> None:  # noqa: ANN001
+    layout = ModelLayout.from_model(tiny_llama)
+    targets = {"k": (layout.mlp_out_module(tiny_llama, 1), "input")}
+    calls = []
+    handle = layout.block(tiny_llama, 3).register_forward_hook(lambda *a: calls.append(1))
+    with capture(targets, stop_after="k") as store:
+        run_until_stopped(lambda: tiny_llama(input_ids=torch.tensor([[2, 3, 4]])))
+    handle.remove()
+    assert store["k"].shape == (1, 3, 64)
+    assert not calls  # layer 3 never ran
+
+
+def test_batched_values_equal_per_edit_values(tiny_llama, tiny_tokenizer) -> None:  # noqa: ANN001
+    """One batched optimisation gives each edit the same v* as optimising it alone."""
+    hp = _hp(v_num_grad_steps=6, v_early_stop_loss=0.0)
+    layout = ModelLayout.from_model(tiny_llama)
+    templates = ["{}", "the city of . {}", "because i . {}"]
+    pad = tiny_tokenizer.pad_token_id
+
+    def solve(requests: list[EditRequest]) -> torch.Tensor:
+        rows = key_rows(tiny_tokenizer, requests, templates)
+        _, v_init = read_keys_and_output(tiny_llama, layout, rows, len(requests), len(templates), [], 2, pad)
+        return compute_target_values(
+            tiny_llama, layout, rewrite_rows(tiny_tokenizer, requests, templates),
+            kl_rows(tiny_tokenizer, requests), v_init, hp, pad,
+        ).targets
+
+    batched = solve(REQUESTS)
+    alone = torch.cat([solve([r]) for r in REQUESTS])
+    torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(batched[0], batched[1])
+
+
+@pytest.mark.parametrize("algo", ["memit", "alphaedit"])
+def test_editor_moves_outputs_to_targets(algo: str, tiny_llama, tiny_tokenizer, stats) -> None:  # noqa: ANN001
+    """After the update the last edited block's output at the subject is much closer to v* than before."""
+    # One template: the key the update is solved for is exactly the key the plain prompt produces.
+    hp = _hp(algo=algo, mom2_update_weight=0.01, l2=0.01, nullspace_energy=0.5, n_context_templates=0)
+    layout = ModelLayout.from_model(tiny_llama)
+    editor = Editor(tiny_llama, tiny_tokenizer, hp, stats, "tiny")
+    rows = key_rows(tiny_tokenizer, REQUESTS, editor.state.templates)
+    read = lambda: read_keys_and_output(  # noqa: E731
+        tiny_llama, layout, rows, len(REQUESTS), len(editor.state.templates), [], hp.layers[-1], 0
+    )[1].float()
+    before = read()
+    result = editor.apply(REQUESTS)
+    after = read()
+    gap_before = (result.targets - before).norm(dim=1)
+    gap_after = (result.targets - after).norm(dim=1)
+    assert (gap_before > 0.1).all()
+    assert (gap_after < 0.5 * gap_before).all(), (gap_before, gap_after)
+    assert [d.layer for d in result.deltas] == [1, 2]
+    assert all(d.left.shape[1] == len(REQUESTS) for d in result.deltas)  # rank <= batch size
+    assert set(result.seconds) == {"keys", "values", "solve"}
+
+
+def test_alphaedit_editor_respects_null_space(tiny_llama, tiny_tokenizer, stats) -> None:  # noqa: ANN001
+    editor = Editor(tiny_llama, tiny_tokenizer, _hp(algo="alphaedit"), stats, "tiny")
+    result = editor.apply(REQUESTS[:2])
+    for delta in result.deltas:
+        p = editor.null_space(delta.layer).projector.float()
+        dense = delta.dense()
+        torch.testing.assert_close(dense @ p, dense, atol=1e-5, rtol=1e-4)  # rows of Delta live in range(P)
+
+
+def test_state_save_load_round_trip(tmp_path, tiny_llama, tiny_tokenizer, stats) -> None:  # noqa: ANN001
+    hp = _hp(algo="alphaedit")
+    editor = Editor(tiny_llama, tiny_tokenizer, hp, stats, "tiny")
+    editor.apply(REQUESTS[:2])
+    path = editor.state.save(tmp_path / "state.safetensors")
+    loaded = EditorState.load(path)
+    assert loaded.templates == editor.state.templates
+    assert loaded.edit_ids == editor.state.edit_ids and loaded.n_batches == 1
+    for layer in hp.layers:
+        assert torch.equal(loaded.prev_keys_cov[layer], editor.state.prev_keys_cov[layer])
+
+    torch.manual_seed(123)
+    fresh = type(tiny_llama)(tiny_llama.config).eval()
+    Editor(fresh, tiny_tokenizer, hp, stats, "tiny", state=loaded)
+    layout = ModelLayout.from_model(fresh)
+    for layer in hp.layers:
+        assert torch.equal(layout.get_weight(fresh, layer), layout.get_weight(tiny_llama, layer))
+    with pytest.raises(ValueError, match="model"):
+        Editor(fresh, tiny_tokenizer, hp, stats, "other-model", state=loaded)

@@ -1,0 +1,1 @@
+"""Measuring whether edits worked: CounterFact/zsRE metrics, perplexity, the sequential evaluation run."""

@@ -1,0 +1,106 @@
+"""``editq eval``: sequential batched editing of the first N records, then metrics on all N (before and after).
+
+Records are edited in order, batch after batch, without restoring the model: the final model is evaluated on every
+record, so early edits must survive later ones (AlphaEdit's sequential protocol).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.settings import Settings
+from workers.datasets import DataFormat, load_edits
+from workers.editing.editor import Editor
+from workers.editing.hparams import EditHParams, default_hparams
+from workers.editing.stats import Progress, SecondMomentCache, StatsCorpus
+from workers.evaluation.metrics import edit_metrics
+from workers.evaluation.scoring import perplexity
+from workers.model_io import load_model, model_fingerprint
+
+HELDOUT_TEXT = Path(__file__).with_name("heldout_text.txt")
+
+
+@dataclass
+class EvalConfig:
+    data: Path
+    limit: int = 200
+    batch_size: int = 50
+    algo: str = "alphaedit"
+    hparams: dict[str, Any] = field(default_factory=dict)
+    stats_corpus: Path | None = None
+    model_path: Path | None = None
+    state_out: Path | None = None
+
+
+def heldout_texts() -> list[str]:
+    """Short paragraphs of plain encyclopedic prose written for editq (no CounterFact subject is edited in them);
+    perplexity on them tracks damage to general language ability."""
+    return [p.strip() for p in HELDOUT_TEXT.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+
+
+def resolve_hparams(config: Any, algo: str, overrides: dict[str, Any], settings: Settings) -> EditHParams:
+    hp = default_hparams(config, algo)  # type: ignore[arg-type]
+    if settings.hparams_path is not None:
+        hp = hp.with_overrides(**EditHParams.from_json(settings.hparams_path).to_dict() | {"algo": algo})
+    return hp.with_overrides(**overrides) if overrides else hp
+
+
+def run_evaluation(cfg: EvalConfig, settings: Settings, progress: Progress | None = None) -> dict[str, Any]:
+    if cfg.limit < 1 or cfg.batch_size < 1:
+        raise ValueError("--limit and --batch-size must be positive")
+    dataset = load_edits(cfg.data, limit=cfg.limit)
+    requests = dataset.requests
+    zsre = dataset.format == DataFormat.zsre
+    model_path = cfg.model_path or settings.resolved_model_path()
+    model, tokenizer = load_model(model_path, device=settings.device)
+    hp = resolve_hparams(model.config, cfg.algo, cfg.hparams, settings)
+    fingerprint = model_fingerprint(Path(model_path))
+    corpus = StatsCorpus(
+        path=cfg.stats_corpus, n_texts=hp.stats_texts, text_tokens=hp.stats_text_tokens, seed=hp.seed
+    )
+    stats = SecondMomentCache(settings.stats_dir, fingerprint, corpus)
+    texts = heldout_texts()
+
+    pre = edit_metrics(model, tokenizer, requests, zsre)
+    ppl_pre = perplexity(model, tokenizer, texts)
+    start = time.perf_counter()
+    editor = Editor(model, tokenizer, hp, stats, fingerprint, progress=progress)
+    editor.prepare()
+    stats_seconds = time.perf_counter() - start
+
+    split: dict[str, float] = {}
+    edit_seconds = 0.0
+    for begin in range(0, len(requests), cfg.batch_size):
+        batch = requests[begin : begin + cfg.batch_size]
+        t0 = time.perf_counter()
+        result = editor.apply(batch)
+        edit_seconds += time.perf_counter() - t0
+        for key, value in result.seconds.items():
+            split[key] = split.get(key, 0.0) + value
+        if progress:
+            progress("editing", begin + len(batch), len(requests))
+    post = edit_metrics(model, tokenizer, requests, zsre)
+    ppl_post = perplexity(model, tokenizer, texts)
+    if cfg.state_out is not None:
+        editor.state.save(cfg.state_out)
+    n = len(requests)
+    return {
+        **post.as_dict(),
+        "pre": pre.as_dict(),
+        "seconds_per_edit": edit_seconds / n,
+        "perplexity_pre": ppl_pre,
+        "perplexity_post": ppl_post,
+        "n_edits": n,
+        "batch_size": cfg.batch_size,
+        "algo": cfg.algo,
+        "metric": "token_accuracy" if zsre else "probability_comparison",
+        "stats_seconds": stats_seconds,
+        "seconds_split_per_edit": {k: v / n for k, v in split.items()},
+        "data": {"path": str(cfg.data), "format": dataset.format.value},
+        "model": {"path": str(model_path), "fingerprint": fingerprint, "device": str(editor.device)},
+        "stats_corpus": corpus.corpus_id,
+        "hparams": hp.to_dict(),
+    }

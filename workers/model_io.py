@@ -1,0 +1,48 @@
+"""Loading any HF-format causal LM directory for editing, and fingerprinting it for caches."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_model(
+    path: Path | str, device: str | torch.device = "auto", dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Model in eval mode with frozen parameters, and a right-padding tokenizer that has a pad token."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"no HF model at {path} (config.json missing): run `editq models fetch` or pass --model PATH"
+        )
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    model.to(resolve_device(device)).eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return model, tokenizer
+
+
+def model_fingerprint(path: Path | str) -> str:
+    """Short stable id of a model directory: config plus names, sizes and first MiB of the weight files."""
+    path = Path(path)
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+        with weights.open("rb") as handle:
+            digest.update(handle.read(1 << 20))
+    return f"{path.name}-{digest.hexdigest()[:12]}"
