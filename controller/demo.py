@@ -7,7 +7,6 @@ import time
 import torch
 from rich.console import Console
 from rich.table import Table
-from workers.model_io import load_model, model_fingerprint
 
 from shared.settings import Settings
 from workers.datasets import bundled_counterfact_path, load_edits
@@ -15,6 +14,7 @@ from workers.editing.editor import Editor
 from workers.editing.stats import Progress, SecondMomentCache, StatsCorpus
 from workers.evaluation.metrics import edit_metrics
 from workers.evaluation.runner import resolve_hparams
+from workers.model_io import load_model, model_fingerprint
 
 
 @torch.no_grad()

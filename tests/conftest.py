@@ -14,11 +14,63 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-WORDS = (
-    "<pad> <unk> the capital of france is paris lyon rome city a an in located berlin germany danielle "
-    "darrieux mother tongue french english eiffel tower famous for language spoken who what and by one bbc "
-    "sega sony works at plays music jazz piano london because therefore i you it . , ? x y z"
-).split()
+WORDS = [
+    "<pad>",
+    "<unk>",
+    "the",
+    "capital",
+    "of",
+    "france",
+    "is",
+    "paris",
+    "lyon",
+    "rome",
+    "city",
+    "a",
+    "an",
+    "in",
+    "located",
+    "berlin",
+    "germany",
+    "danielle",
+    "darrieux",
+    "mother",
+    "tongue",
+    "french",
+    "english",
+    "eiffel",
+    "tower",
+    "famous",
+    "for",
+    "language",
+    "spoken",
+    "who",
+    "what",
+    "and",
+    "by",
+    "one",
+    "bbc",
+    "sega",
+    "sony",
+    "works",
+    "at",
+    "plays",
+    "music",
+    "jazz",
+    "piano",
+    "london",
+    "because",
+    "therefore",
+    "i",
+    "you",
+    "it",
+    ".",
+    ",",
+    "?",
+    "x",
+    "y",
+    "z",
+]
 
 
 @pytest.fixture(scope="session")
@@ -42,8 +94,15 @@ def _freeze(model: torch.nn.Module) -> torch.nn.Module:
 def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=len(WORDS), max_position_embeddings=128, tie_word_embeddings=True, pad_token_id=0,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(WORDS),
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=0,
         initializer_range=0.2,
     )
     return _freeze(LlamaForCausalLM(config))

@@ -90,7 +90,8 @@ def test_memit_residual_shrinks_as_preservation_weight_falls(shape: tuple[int, i
 
 def test_null_space_projector_properties() -> None:
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(48, 500, generator=gen, dtype=torch.float64) * torch.logspace(0, -3, 48, dtype=torch.float64)[:, None]
+    scales = torch.logspace(0, -3, 48, dtype=torch.float64)[:, None]
+    x = torch.randn(48, 500, generator=gen, dtype=torch.float64) * scales
     mom2 = x @ x.T / 500
     for energy in (0.5, 0.8, 0.95, 0.999):
         null = null_space_projector(mom2, energy)

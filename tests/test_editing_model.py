@@ -38,13 +38,13 @@ def _hp(**kw: object) -> EditHParams:
 
 
 @pytest.fixture
-def stats(tmp_path, tiny_llama):  # noqa: ANN001
+def stats(tmp_path, tiny_llama):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(CORPUS_TEXT)
     return SecondMomentCache(tmp_path / "stats", "tiny", StatsCorpus(path=corpus))
 
 
-def test_layout_linear_and_conv1d_orientation(tiny_llama, tiny_gpt2) -> None:  # noqa: ANN001
+def test_layout_linear_and_conv1d_orientation(tiny_llama, tiny_gpt2) -> None:
     llama = ModelLayout.from_model(tiny_llama)
     assert llama.weight_name(1) == "model.layers.1.mlp.down_proj.weight"
     assert llama.weight_name(1) in tiny_llama.state_dict()
@@ -64,7 +64,7 @@ def test_layout_linear_and_conv1d_orientation(tiny_llama, tiny_gpt2) -> None:  #
     assert torch.equal(gpt2.get_weight(tiny_gpt2, 1), weight)  # bit-exact round trip
 
 
-def test_unknown_family_is_rejected(tiny_llama) -> None:  # noqa: ANN001
+def test_unknown_family_is_rejected(tiny_llama) -> None:
     tiny_llama.config.model_type = "mystery"
     with pytest.raises(UnsupportedModelError, match="mystery"):
         ModelLayout.from_model(tiny_llama)
@@ -85,7 +85,7 @@ def test_hook_patches_only_the_chosen_batch_row(fixture: str, request: pytest.Fi
     assert (patched[1, 2:] - base[1, 2:]).abs().max() > 1e-3
 
 
-def test_capture_stops_early(tiny_llama) -> None:  # noqa: ANN001
+def test_capture_stops_early(tiny_llama) -> None:
     layout = ModelLayout.from_model(tiny_llama)
     targets = {"k": (layout.mlp_out_module(tiny_llama, 1), "input")}
     calls = []
@@ -97,7 +97,7 @@ def test_capture_stops_early(tiny_llama) -> None:  # noqa: ANN001
     assert not calls  # layer 3 never ran
 
 
-def test_batched_values_equal_per_edit_values(tiny_llama, tiny_tokenizer) -> None:  # noqa: ANN001
+def test_batched_values_equal_per_edit_values(tiny_llama, tiny_tokenizer) -> None:
     """One batched optimisation gives each edit the same v* as optimising it alone."""
     hp = _hp(v_num_grad_steps=6, v_early_stop_loss=0.0)
     layout = ModelLayout.from_model(tiny_llama)
@@ -119,7 +119,7 @@ def test_batched_values_equal_per_edit_values(tiny_llama, tiny_tokenizer) -> Non
 
 
 @pytest.mark.parametrize("algo", ["memit", "alphaedit"])
-def test_editor_moves_outputs_to_targets(algo: str, tiny_llama, tiny_tokenizer, stats) -> None:  # noqa: ANN001
+def test_editor_moves_outputs_to_targets(algo: str, tiny_llama, tiny_tokenizer, stats) -> None:
     """After the update the last edited block's output at the subject is much closer to v* than before."""
     # One template: the key the update is solved for is exactly the key the plain prompt produces.
     hp = _hp(algo=algo, mom2_update_weight=0.01, l2=0.01, nullspace_energy=0.5, n_context_templates=0)
@@ -141,7 +141,7 @@ def test_editor_moves_outputs_to_targets(algo: str, tiny_llama, tiny_tokenizer, 
     assert set(result.seconds) == {"keys", "values", "solve"}
 
 
-def test_alphaedit_editor_respects_null_space(tiny_llama, tiny_tokenizer, stats) -> None:  # noqa: ANN001
+def test_alphaedit_editor_respects_null_space(tiny_llama, tiny_tokenizer, stats) -> None:
     editor = Editor(tiny_llama, tiny_tokenizer, _hp(algo="alphaedit"), stats, "tiny")
     result = editor.apply(REQUESTS[:2])
     for delta in result.deltas:
@@ -150,7 +150,7 @@ def test_alphaedit_editor_respects_null_space(tiny_llama, tiny_tokenizer, stats)
         torch.testing.assert_close(dense @ p, dense, atol=1e-5, rtol=1e-4)  # rows of Delta live in range(P)
 
 
-def test_state_save_load_round_trip(tmp_path, tiny_llama, tiny_tokenizer, stats) -> None:  # noqa: ANN001
+def test_state_save_load_round_trip(tmp_path, tiny_llama, tiny_tokenizer, stats) -> None:
     hp = _hp(algo="alphaedit")
     editor = Editor(tiny_llama, tiny_tokenizer, hp, stats, "tiny")
     editor.apply(REQUESTS[:2])

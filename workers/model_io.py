@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """``auto`` picks CUDA when present so one config runs on laptops and GPU hosts alike."""
     if isinstance(name, torch.device):
         return name
     if name == "auto":
@@ -22,10 +23,7 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Model in eval mode with frozen parameters, and a right-padding tokenizer that has a pad token."""
     path = Path(path)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(
-            f"no HF model at {path} (config.json missing): run `editq models fetch` or pass --model PATH"
-        )
+    _require_model_dir(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     model.to(resolve_device(device)).eval()
     for param in model.parameters():
@@ -37,9 +35,26 @@ def load_model(
     return model, tokenizer
 
 
+def _require_model_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"no model directory at {path}: run `editq models fetch` or pass --model PATH (any HF model dir)"
+        )
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path} is not an HF model directory (config.json missing): run `editq models fetch` "
+            "or pass --model PATH"
+        )
+
+
 def model_fingerprint(path: Path | str) -> str:
-    """Short stable id of a model directory: config plus names, sizes and first MiB of the weight files."""
+    """Short stable id of a model directory: config plus names, sizes and first MiB of the weight files.
+
+    Cheap (no full hash of hundreds of MB) yet changes whenever the config or the weights' layout/header do;
+    used as the cache key for per-model statistics and to check editor states against their model.
+    """
     path = Path(path)
+    _require_model_dir(path)
     digest = hashlib.sha256((path / "config.json").read_bytes())
     for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
         digest.update(f"{weights.name}:{weights.stat().st_size}".encode())

@@ -49,20 +49,20 @@ def bundled_counterfact_path() -> Path:
     return _BUNDLED
 
 
-_SIGNATURES: list[tuple[DataFormat, set[str]]] = [
-    (DataFormat.counterfact_rome, {"requested_rewrite"}),
-    (DataFormat.zsre, {"src", "alt", "loc", "loc_ans"}),
-    (DataFormat.counterfact_easyedit, {"prompt", "subject", "target_new", "ground_truth"}),
-    (DataFormat.editq, {"prompt", "subject", "target_new"}),
-]
+_EASYEDIT_ONLY = {"ground_truth", "rephrase_prompt", "locality_prompt", "locality_ground_truth", "case_id"}
 
 
 def detect_format(record: dict[str, Any]) -> DataFormat:
+    """Decide the format from a record's keys (the first record decides for a whole file)."""
     if not isinstance(record, dict):
         raise DataFormatError(f"expected a JSON object per record, got {type(record).__name__}")
-    for fmt, keys in _SIGNATURES:
-        if keys <= record.keys():
-            return fmt
+    keys = record.keys()
+    if "requested_rewrite" in keys:
+        return DataFormat.counterfact_rome
+    if {"src", "alt"} <= keys:
+        return DataFormat.zsre
+    if {"prompt", "subject"} <= keys:
+        return DataFormat.counterfact_easyedit if keys & _EASYEDIT_ONLY else DataFormat.editq
     raise DataFormatError(
         f"unknown record format with keys {sorted(record)}; supported: CounterFact (EasyEdit: prompt, subject, "
         "target_new, ground_truth; ROME: requested_rewrite), zsRE (src, alt, loc, loc_ans), editq EditRequest"
@@ -115,8 +115,10 @@ def _from_rome(record: dict[str, Any], index: int) -> EditRequest:
 
 def _from_zsre(record: dict[str, Any], index: int) -> EditRequest:
     case = record.get("case_id", index)
+    # MEND's files already carry the "nq question: " prefix in loc; MEMIT appends the question mark.
     loc = str(_need(record, "loc")).strip()
-    question = f"nq question: {loc}" if loc.endswith("?") else f"nq question: {loc}?"
+    question = loc if loc.startswith("nq question:") else f"nq question: {loc}"
+    question = question if question.endswith("?") else f"{question}?"
     return EditRequest(
         edit_id=f"zsre-{case}",
         subject=_need(record, "subject"),

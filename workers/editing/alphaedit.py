@@ -31,7 +31,8 @@ def null_space_projector(mom2: torch.Tensor, preserved_energy: float) -> NullSpa
     evals = evals.clamp(min=0)
     desc = evals.flip(0)
     cumulative = torch.cumsum(desc, 0) / desc.sum().clamp(min=torch.finfo(torch.float64).tiny)
-    kept = int(torch.searchsorted(cumulative, torch.tensor(preserved_energy, dtype=torch.float64)).item()) + 1
+    target = torch.tensor(preserved_energy, dtype=torch.float64, device=cumulative.device)
+    kept = int(torch.searchsorted(cumulative, target).item()) + 1
     kept = min(kept, evals.numel())
     null_dim = evals.numel() - kept
     basis = evecs[:, :null_dim]

@@ -151,7 +151,8 @@ class Editor:
         values = self._timed(
             seconds, "values",
             lambda: compute_target_values(
-                model, layout, rewrite_rows(tok, requests, templates), kl_rows(tok, requests), v_init, hp, pad
+                model, layout, rewrite_rows(tok, requests, templates), kl_rows(tok, requests), v_init, hp, pad,
+                self.progress,
             ),
         )
         dtype = getattr(torch, hp.solve_dtype)

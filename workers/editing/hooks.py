@@ -7,14 +7,14 @@ for tuples would index batch element 0 of a tensor and silently edit the wrong t
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Literal
 
 import torch
 from torch import nn
 
 
-class StopForward(Exception):  # noqa: N818 - control flow, not an error
+class StopForward(Exception):
     """Raised by a hook to end a forward pass once everything needed has been captured."""
 
 
@@ -70,7 +70,5 @@ def capture(
 
 def run_until_stopped(fn: Callable[[], object]) -> None:
     """Run a forward that may end early through ``StopForward``."""
-    try:
+    with suppress(StopForward):
         fn()
-    except StopForward:
-        pass

@@ -89,7 +89,7 @@ def default_hparams(config: Any, algo: Algo = "alphaedit") -> EditHParams:
     """Tuned values for this model shape when recorded, else MEMIT-style defaults on the lower-middle layers."""
     tuned = json.loads(_TUNED_FILE.read_text()) if _TUNED_FILE.exists() else {}
     entry = tuned.get(shape_key(config), {})
-    base: dict[str, Any] = dict(entry.get("common", {}))
+    base: dict[str, Any] = {k: v for k, v in entry.get("common", {}).items() if not k.startswith("_")}
     base.update(entry.get(algo, {}))
     if "layers" not in base:
         n = int(config.num_hidden_layers)

@@ -8,11 +8,10 @@ Converged edits are frozen and dropped from later forward passes (per-edit early
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from workers.editing.hooks import add_at_positions
@@ -76,6 +75,7 @@ def compute_target_values(
     v_init: torch.Tensor,
     hp: EditHParams,
     pad_id: int,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> ValueResult:
     """Optimise one delta per edit; ``v_init`` is the plain-prompt block output at layer ``hp.layers[-1]``."""
     device = v_init.device
@@ -125,6 +125,8 @@ def compute_target_values(
         (decay * active).sum().backward()
         loss_per_edit += decay.detach()
         nll_per_edit = torch.where(active, nll_step, nll_per_edit)
+        if progress:
+            progress("v* optimisation", step + 1, hp.v_num_grad_steps)
         # Stop an edit once its target is reached (NLL below the threshold). MEMIT tests the total loss, but
         # the decay and KL regularisers alone keep that above 5e-2 here, so every edit ran all steps.
         active = active & ~(nll_step < hp.v_early_stop_loss)
@@ -137,5 +139,7 @@ def compute_target_values(
             norms = delta.norm(dim=1)
             scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
             delta.mul_(scale[:, None])
+    if progress:
+        progress("v* optimisation", hp.v_num_grad_steps, hp.v_num_grad_steps)
     final = delta.detach().to(v_init.dtype)
     return ValueResult(targets=v_init + final, deltas=final, nll=nll_per_edit, steps=steps)

@@ -51,6 +51,7 @@ def resolve_hparams(config: Any, algo: str, overrides: dict[str, Any], settings:
 def run_evaluation(cfg: EvalConfig, settings: Settings, progress: Progress | None = None) -> dict[str, Any]:
     if cfg.limit < 1 or cfg.batch_size < 1:
         raise ValueError("--limit and --batch-size must be positive")
+    EditHParams(algo=cfg.algo).with_overrides(**cfg.hparams)  # reject unknown settings before loading a model
     dataset = load_edits(cfg.data, limit=cfg.limit)
     requests = dataset.requests
     zsre = dataset.format == DataFormat.zsre
