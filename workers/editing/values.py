@@ -98,7 +98,6 @@ def compute_target_values(
         opt.zero_grad()
         keep = active.tolist()
         rows = [r for r in (*rewrite, *kl) if keep[r.edit]]
-        loss_per_edit = torch.zeros(n_edits, device=device)
         nll_step = torch.zeros(n_edits, device=device)
         for group in chunks_by_tokens([len(r.ids) for r in rows], hp.v_max_batch_tokens):
             chunk = [rows[i] for i in group]
@@ -118,12 +117,10 @@ def compute_target_values(
                 kl_term = (kl_logprobs.exp() * (kl_logprobs - ref)).sum(-1)
                 per_edit = per_edit.index_add(0, kl_edits, hp.kl_factor * kl_term)
             per_edit.sum().backward()
-            loss_per_edit += per_edit.detach()
         # Weight decay on the offset relative to the value's own norm (MEMIT uses ||delta||, not its square);
         # the epsilon keeps the gradient finite at delta = 0.
         decay = hp.v_weight_decay * (delta.pow(2).sum(dim=1) + 1e-12).sqrt() / init_norm_sq
         (decay * active).sum().backward()
-        loss_per_edit += decay.detach()
         nll_per_edit = torch.where(active, nll_step, nll_per_edit)
         if progress:
             progress("v* optimisation", step + 1, hp.v_num_grad_steps)
