@@ -136,7 +136,7 @@ def test_editor_moves_outputs_to_targets(algo: str, tiny_llama, tiny_tokenizer, 
     gap_after = (result.targets - after).norm(dim=1)
     assert (gap_before > 0.1).all()
     assert (gap_after < 0.5 * gap_before).all(), (gap_before, gap_after)
-    assert [d.layer for d in result.deltas] == [1, 2]
+    assert result.layers == [1, 2]
     assert all(d.left.shape[1] == len(REQUESTS) for d in result.deltas)  # rank <= batch size
     assert set(result.seconds) == {"keys", "values", "solve"}
 
@@ -144,8 +144,8 @@ def test_editor_moves_outputs_to_targets(algo: str, tiny_llama, tiny_tokenizer, 
 def test_alphaedit_editor_respects_null_space(tiny_llama, tiny_tokenizer, stats) -> None:
     editor = Editor(tiny_llama, tiny_tokenizer, _hp(algo="alphaedit"), stats, "tiny")
     result = editor.apply(REQUESTS[:2])
-    for delta in result.deltas:
-        p = editor.null_space(delta.layer).projector.float()
+    for layer, delta in zip(result.layers, result.deltas, strict=True):
+        p = editor.null_space(layer).projector.float()
         dense = delta.dense()
         torch.testing.assert_close(dense @ p, dense, atol=1e-5, rtol=1e-4)  # rows of Delta live in range(P)
 

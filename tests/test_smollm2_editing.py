@@ -54,11 +54,11 @@ def test_batch_of_ten_edits_takes_and_keeps_neighbours(edited) -> None:
 def test_update_is_low_rank_and_only_touches_edited_layers(edited) -> None:
     result, model = edited["result"], edited["model"]
     layout = ModelLayout.from_model(model)
-    assert [d.layer for d in result.deltas] == list(edited["editor"].hparams.layers)
-    for delta in result.deltas:
-        assert delta.left.shape[1] <= 10
+    assert result.layers == list(edited["editor"].hparams.layers)
+    for layer, delta in zip(result.layers, result.deltas, strict=True):
+        assert delta.is_low_rank and delta.rank <= 10
         torch.testing.assert_close(
-            layout.get_weight(model, delta.layer) - edited["base"][delta.layer], delta.dense(), rtol=1e-4, atol=1e-6
+            layout.get_weight(model, layer) - edited["base"][layer], delta.dense(), rtol=1e-4, atol=1e-6
         )
 
 

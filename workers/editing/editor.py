@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from shared.delta import MatrixDelta, tensor_sha256
 from shared.schemas import EditRequest
 from workers.editing.alphaedit import NullSpace, alphaedit_update, null_space_projector
 from workers.editing.hparams import EditHParams
@@ -21,29 +22,18 @@ from workers.editing.keys import read_keys_and_output
 from workers.editing.layout import ModelLayout
 from workers.editing.memit import memit_update
 from workers.editing.prompts import key_rows, kl_rows, rewrite_rows
-from workers.editing.state import EditorState, tensor_sha256
+from workers.editing.state import EditorState
 from workers.editing.stats import Progress, SecondMomentCache
 from workers.editing.templates import generate_context_templates
-from workers.editing.values import compute_target_values
-
-
-@dataclass
-class LayerDelta:
-    """Update of one matrix as low-rank factors: Delta = left @ right^T, (d_out, r) and (d_in, r)."""
-
-    layer: int
-    name: str
-    left: torch.Tensor
-    right: torch.Tensor
-
-    def dense(self) -> torch.Tensor:
-        return self.left @ self.right.T
+from workers.editing.values import ValueResult, compute_target_values
 
 
 @dataclass
 class BatchResult:
     edit_ids: list[str]
-    deltas: list[LayerDelta]
+    layers: list[int]
+    deltas: list[MatrixDelta]  # one per edited layer, in the stored (shared) format
+    edited_keys: dict[int, torch.Tensor]  # keys of this batch re-read on the edited model, (d_in, n) per layer
     targets: torch.Tensor  # v* per edit at the last edited layer, (n, d)
     v_nll: list[float]  # final target NLL of the v* optimisation per edit
     v_steps: int
@@ -62,6 +52,7 @@ class Editor:
         model_fingerprint: str = "unknown",
         state: EditorState | None = None,
         progress: Progress | None = None,
+        templates: list[str] | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -70,10 +61,11 @@ class Editor:
         self.progress = progress
         self.device = next(model.parameters()).device
         if state is None:
-            templates = generate_context_templates(
-                model, tokenizer, hparams.n_context_templates, hparams.context_template_tokens, hparams.seed
-            )
-            weights = {layer: self.layout.get_weight(model, layer) for layer in hparams.layers}
+            if templates is None:  # sampled once; workers that must agree pass the same list instead
+                templates = generate_context_templates(
+                    model, tokenizer, hparams.n_context_templates, hparams.context_template_tokens, hparams.seed
+                )
+            weights = {layer: self.layout.get_weight(model, layer).float() for layer in hparams.layers}
             state = EditorState(
                 hparams=hparams,
                 model_fingerprint=model_fingerprint,
@@ -130,36 +122,81 @@ class Editor:
         seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
         return out
 
-    def apply(self, requests: Sequence[EditRequest]) -> BatchResult:
-        """Edit the model in place with one batch; returns the per-layer updates and a timing split."""
+    def _read(
+        self, requests: Sequence[EditRequest], layers: Sequence[int], out_layer: int | None
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+        rows = key_rows(self.tokenizer, requests, self.state.templates)
+        return read_keys_and_output(
+            self.model, self.layout, rows, len(requests), len(self.state.templates), layers, out_layer,
+            self.tokenizer.pad_token_id, self.hparams.v_max_batch_tokens,
+        )
+
+    def compute_values(
+        self, requests: Sequence[EditRequest], seconds: dict[str, float] | None = None
+    ) -> ValueResult:
+        """v* for ``requests`` on the model as it is now (tensors on the CPU).
+
+        Edits are independent in this optimisation, so a batch can be sharded across workers holding the same
+        version and the shards' targets concatenated: the result equals one unsharded call (tested).
+        """
         if not requests:
             raise ValueError("empty batch")
-        self.prepare()
-        hp, layout, model, tok = self.hparams, self.layout, self.model, self.tokenizer
-        templates = self.state.templates
-        pad = tok.pad_token_id
-        n = len(requests)
-        seconds: dict[str, float] = {}
-
-        def read(layers: Sequence[int], out_layer: int | None) -> tuple[dict, torch.Tensor | None]:
-            return read_keys_and_output(
-                model, layout, krows, n, len(templates), layers, out_layer, pad, hp.v_max_batch_tokens
-            )
-
-        krows = key_rows(tok, requests, templates)
-        _, v_init = self._timed(seconds, "keys", lambda: read([], hp.layers[-1]))
+        seconds = {} if seconds is None else seconds
+        tok, hp = self.tokenizer, self.hparams
+        _, v_init = self._timed(seconds, "keys", lambda: self._read(requests, [], hp.layers[-1]))
         values = self._timed(
             seconds, "values",
             lambda: compute_target_values(
-                model, layout, rewrite_rows(tok, requests, templates), kl_rows(tok, requests), v_init, hp, pad,
-                self.progress,
+                self.model, self.layout, rewrite_rows(tok, requests, self.state.templates), kl_rows(tok, requests),
+                v_init, hp, tok.pad_token_id, self.progress,
             ),
         )
+        return values.cpu()
+
+    def apply(self, requests: Sequence[EditRequest], values: ValueResult | None = None) -> BatchResult:
+        """Edit the model in place with one batch; returns the per-layer updates and a timing split.
+
+        ``values`` are precomputed v* (e.g. sharded across workers); without them they are computed here. On any
+        error the model and state are left exactly as before the call.
+        """
+        if not requests:
+            raise ValueError("empty batch")
+        self.prepare()
+        seconds: dict[str, float] = {}
+        if values is None:
+            values = self.compute_values(requests, seconds)
+        if values.targets.shape[0] != len(requests):
+            raise ValueError(f"{values.targets.shape[0]} targets for {len(requests)} edits")
+        try:
+            deltas, keys_after = self._solve_layers(requests, values.targets.to(self.device), seconds)
+        except BaseException:
+            self.reset_weights()
+            raise
+        for delta, layer in zip(deltas, self.hparams.layers, strict=True):
+            self.state.weights[layer] = delta.apply(self.state.weights[layer])
+        self.accumulate_keys(keys_after)
+        ids = [r.edit_id or r.content_key() for r in requests]
+        self.state.edit_ids.extend(ids)
+        self.state.n_batches += 1
+        return BatchResult(
+            ids, list(self.hparams.layers), deltas, keys_after, values.targets, values.nll.tolist(), values.steps,
+            seconds,
+        )
+
+    def _solve_layers(
+        self, requests: Sequence[EditRequest], targets: torch.Tensor, seconds: dict[str, float]
+    ) -> tuple[list[MatrixDelta], dict[int, torch.Tensor]]:
+        """Bottom to top: keys on the partially edited model, residual spread over the remaining layers, solve.
+
+        Each layer's update is written in the shared delta format and applied exactly as every replica and a
+        rebuild from the store will apply it, so the live matrices equal the stored ones bit for bit.
+        """
+        hp, layout, model = self.hparams, self.layout, self.model
         dtype = getattr(torch, hp.solve_dtype)
-        deltas: list[LayerDelta] = []
+        deltas: list[MatrixDelta] = []
         for i, layer in enumerate(hp.layers):
-            keys, cur = self._timed(seconds, "keys", lambda layer=layer: read([layer], hp.layers[-1]))
-            residual = (values.targets - cur).T / (len(hp.layers) - i)  # (d_out, n)
+            keys, cur = self._timed(seconds, "keys", lambda layer=layer: self._read(requests, [layer], hp.layers[-1]))
+            residual = (targets - cur).T / (len(hp.layers) - i)  # (d_out, n)
             k = keys[layer].T  # (d_in, n)
             start = time.perf_counter()
             prev = self.state.prev_keys_cov.get(layer)
@@ -168,17 +205,41 @@ class Editor:
                 left, right = memit_update(residual, k, self._mom2[layer], hp.mom2_update_weight, prev, dtype)
             else:
                 left, right = alphaedit_update(residual, k, self._null[layer].projector, hp.l2, prev, dtype)
-            layout.add_to_weight(model, layer, left @ right.T)
+            delta = MatrixDelta.from_factors(
+                layout.weight_name(layer), left, right, transposed=layout.is_transposed(model, layer)
+            )
+            layout.set_weight(model, layer, delta.apply(self.state.weights[layer]))
             seconds["solve"] = seconds.get("solve", 0.0) + time.perf_counter() - start
-            deltas.append(LayerDelta(layer, layout.weight_name(layer), left.float().cpu(), right.float().cpu()))
-        keys_after, _ = self._timed(seconds, "keys", lambda: read(hp.layers, None))
-        for layer in hp.layers:
-            k = keys_after[layer].T.to(dtype)
-            cov = (k @ k.T).cpu()
+            deltas.append(delta)
+        keys_after, _ = self._timed(seconds, "keys", lambda: self._read(requests, hp.layers, None))
+        return deltas, {layer: keys_after[layer].T.float().cpu().contiguous() for layer in hp.layers}
+
+    def accumulate_keys(self, edited_keys: dict[int, torch.Tensor]) -> None:
+        """Add K K^T of applied edits to C_prev, on the CPU in float64, identically on every worker."""
+        dtype = getattr(torch, self.hparams.solve_dtype)
+        for layer, keys in edited_keys.items():
+            k = keys.to("cpu", dtype)
+            cov = k @ k.T
             prev = self.state.prev_keys_cov.get(layer)
             self.state.prev_keys_cov[layer] = cov if prev is None else prev + cov
-            self.state.weights[layer] = layout.get_weight(model, layer).cpu()
-        ids = [r.edit_id or r.content_key() for r in requests]
-        self.state.edit_ids.extend(ids)
+
+    def reset_weights(self) -> None:
+        """Write the state's matrices back into the model (undo a partially applied batch)."""
+        for layer, weight in self.state.weights.items():
+            self.layout.set_weight(self.model, layer, weight)
+
+    def apply_deltas(self, deltas: Sequence[MatrixDelta], edited_keys: dict[int, torch.Tensor]) -> None:
+        """Follow a version computed elsewhere: apply its stored deltas and accumulate its edited keys."""
+        by_name = {self.layout.weight_name(layer): layer for layer in self.hparams.layers}
+        for delta in deltas:
+            if delta.name not in by_name:
+                raise ValueError(f"delta for {delta.name}, which this editor does not edit")
+            layer = by_name[delta.name]
+            self.state.weights[layer] = delta.apply(self.state.weights[layer])
+            self.layout.set_weight(self.model, layer, self.state.weights[layer])
+        self.accumulate_keys(edited_keys)
         self.state.n_batches += 1
-        return BatchResult(ids, deltas, values.targets.cpu(), values.nll.tolist(), values.steps, seconds)
+
+    def checksums(self) -> dict[str, str]:
+        """sha256 of every edited matrix as it is now (float32, Linear orientation), by checkpoint name."""
+        return {self.layout.weight_name(layer): tensor_sha256(w) for layer, w in self.state.weights.items()}

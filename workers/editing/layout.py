@@ -89,6 +89,10 @@ class ModelLayout:
                 f"{self.mlp_out_name(layer)} not found in {type(model).__name__}"
             ) from err
 
+    def is_transposed(self, model: nn.Module, layer: int) -> bool:
+        """Whether the checkpoint stores this matrix as (d_in, d_out)."""
+        return _is_transposed(self.mlp_out_module(model, layer))
+
     def get_weight(self, model: nn.Module, layer: int) -> torch.Tensor:
         """A copy of the edited matrix in (d_out, d_in) orientation."""
         module = self.mlp_out_module(model, layer)

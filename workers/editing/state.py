@@ -7,7 +7,6 @@ with JSON metadata; saving and loading is bit-exact.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,14 +18,6 @@ from safetensors.torch import save_file
 from workers.editing.hparams import EditHParams
 
 FORMAT_VERSION = 1
-
-
-def tensor_sha256(tensor: torch.Tensor) -> str:
-    """Checksum of a tensor's exact bytes (dtype and shape included)."""
-    t = tensor.detach().contiguous().cpu()
-    h = hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 @dataclass

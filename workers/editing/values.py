@@ -28,6 +28,17 @@ class ValueResult:
     nll: torch.Tensor  # final mean target NLL per edit, (B,)
     steps: int
 
+    def cpu(self) -> ValueResult:
+        return ValueResult(self.targets.detach().cpu(), self.deltas.detach().cpu(), self.nll.detach().cpu(), self.steps)
+
+    @staticmethod
+    def concat(parts: Sequence[ValueResult]) -> ValueResult:
+        """Join the results of shards of one batch, in shard order."""
+        return ValueResult(
+            torch.cat([p.targets for p in parts]), torch.cat([p.deltas for p in parts]),
+            torch.cat([p.nll for p in parts]), max(p.steps for p in parts),
+        )
+
 
 def _row_terms(
     model: PreTrainedModel,

@@ -1,0 +1,124 @@
+"""Starting what the pipeline needs on one machine: a Redis server, a local Ray cluster, the controller actor.
+
+Redis: ``EDITQ_REDIS_URL`` when set, else a server already answering on the default URL, else a private
+``redis-server`` started in a temporary directory (stopped again on exit), else a clear error saying how to get one.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+
+import ray
+from redis import Redis
+from redis.exceptions import RedisError
+
+from controller.service import Controller
+from shared.settings import Settings
+
+
+class RedisUnavailableError(RuntimeError):
+    """No Redis server could be reached or started."""
+
+
+@dataclass
+class RedisHandle:
+    url: str
+    process: subprocess.Popen | None = None
+    workdir: str | None = None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=10)
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def redis_answers(url: str, timeout_s: float = 1.0) -> bool:
+    try:
+        client = Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+        return bool(client.ping())
+    except (RedisError, OSError, ValueError):
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ensure_redis(settings: Settings) -> RedisHandle:
+    """A reachable Redis URL, starting a private server only when none answers."""
+    explicit = "EDITQ_REDIS_URL" in os.environ
+    if redis_answers(settings.redis_url):
+        return RedisHandle(settings.redis_url)
+    if explicit:
+        raise RedisUnavailableError(f"EDITQ_REDIS_URL={settings.redis_url} does not answer PING")
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RedisUnavailableError(
+            f"no Redis answers at {settings.redis_url} and no redis-server is installed: install Redis 7 "
+            "(e.g. `apt-get install redis-server` or `docker run -p 6379:6379 redis:7`) or set EDITQ_REDIS_URL"
+        )
+    workdir = tempfile.mkdtemp(prefix="editq-redis-")
+    port = _free_port()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir, "--save", "", "--appendonly", "yes"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    handle = RedisHandle(f"redis://127.0.0.1:{port}/0", process, workdir)
+    atexit.register(handle.stop)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if redis_answers(handle.url):
+            return handle
+        if process.poll() is not None:
+            break
+        time.sleep(0.1)
+    handle.stop()
+    raise RedisUnavailableError(f"started {binary} on port {port} but it did not answer")
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """A local Ray cluster (or the one ``RAY_ADDRESS`` points at), quiet and without the dashboard UI."""
+    if ray.is_initialized():
+        return
+    kwargs = {"include_dashboard": False, "log_to_driver": False, "namespace": "editq"}
+    if "RAY_ADDRESS" not in os.environ:
+        kwargs["num_cpus"] = num_cpus or max(2, os.cpu_count() or 2)
+    ray.init(**kwargs)
+
+
+def controller_name(settings: Settings) -> str:
+    return f"{settings.namespace}-controller"
+
+
+def start_controller(settings: Settings):
+    """Create the controller actor and start its loop; returns (actor handle, ObjectRef of ``run``).
+
+    ``max_restarts=-1`` and ``max_task_retries=-1``: if the actor dies, Ray restarts it and re-submits ``run``, which
+    resumes from Redis and the weight store.
+    """
+    actor = ray.remote(Controller).options(
+        name=controller_name(settings), num_cpus=0, max_restarts=-1, max_task_retries=-1,
+    ).remote(settings.model_dump(mode="json"))
+    return actor, actor.run.remote()
+
+
+def stop_controller(actor, run_ref, timeout_s: float = 60.0):
+    """Ask the loop to stop, wait for its final status, then remove the actor and its workers."""
+    ray.get(actor.stop.remote(), timeout=timeout_s)
+    try:
+        return ray.get(run_ref, timeout=timeout_s)
+    finally:
+        ray.kill(actor, no_restart=True)

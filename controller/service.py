@@ -1,0 +1,300 @@
+"""The controller: reads the edit stream, forms batches, has the worker pool compute them, commits versions.
+
+Run as one named Ray actor (``max_restarts=-1``, ``max_task_retries=-1``: when it dies Ray restarts it and re-runs
+``run``). All state that matters lives in Redis and the weight store, so a restarted controller resumes: it
+re-reads its own pending entries first, acknowledges those whose edits already have an outcome, and recomputes
+the rest on workers synced back to the committed head. A batch commits as one atomic Redis script (outcomes, the
+head pointer and the XACKs together), guarded by the head it was computed on, so no edit is applied twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from pydantic import BaseModel
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from controller.batching import Batcher
+from controller.janitor import dead_letter_if_poison, sweep
+from controller.pool import EditWorkerPool
+from shared.jobs import WorkerInfo
+from shared.metrics import MemoryMetrics, Metrics, RayMetrics
+from shared.outcomes import EditOutcome, EditState, ReasonCode
+from shared.settings import Settings
+from shared.streams import EditStreams, Finished, StreamEntry
+from shared.weight_store import LocalWeightStore, build_manifest
+
+log = logging.getLogger("editq.controller")
+CONSUMER = "controller"
+
+
+class StaleHeadError(RuntimeError):
+    """The committed head moved while a batch was computed (another controller?): never commit on top of it."""
+
+
+class ControllerStatus(BaseModel):
+    state: str
+    head: int
+    live: int
+    pending_in_batcher: int
+    batches_committed: int
+    edits_applied: int
+    edits_failed: int
+    dead_lettered: int
+    started_at: datetime
+    last_error: str | None = None
+    workers: list[WorkerInfo] = []
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """OOM anywhere in the chain (Ray wraps worker exceptions): retrying the same size is pointless, split."""
+    text = f"{type(err).__name__}: {err}".lower()
+    return "outofmemory" in text.replace(" ", "") or "out of memory" in text
+
+
+class Controller:
+    def __init__(self, settings: dict | None = None, metrics: Metrics | None = None) -> None:
+        self.settings = Settings(**(settings or {}))
+        s = self.settings
+        self.streams = EditStreams.from_url(s.redis_url, s.namespace, s.stream_maxlen)
+        self.store = LocalWeightStore(s.resolved_store_dir())
+        self.pool = EditWorkerPool(s, self.store)
+        self.batcher = Batcher(s.batch_max_size, s.batch_max_wait_s)
+        self.metrics = metrics or (RayMetrics() if _in_ray() else MemoryMetrics())
+        self._stop = False
+        self._state = "starting"
+        self._started_at = datetime.now(UTC)
+        self._counts = {"batches": 0, "applied": 0, "failed": 0, "dead": 0}
+        self._in_flight: set[str] = set()
+        self._last_sweep = 0.0
+        self._last_error: str | None = None
+
+    # ---- lifecycle --------------------------------------------------------------------------------------------
+    async def run(self) -> ControllerStatus:
+        """Consume until ``stop``; safe to call again after a crash (it resumes from Redis and the store)."""
+        self._stop = False
+        await self._start()
+        self._state = "running"
+        while not self._stop:
+            try:
+                await self._step()
+            except StaleHeadError as err:
+                self._last_error = str(err)
+                log.error("%s: stopping", err)
+                self._state = "stale"
+                break
+        if self._state == "running":
+            self._state = "stopped"
+        return await self.status()
+
+    async def stop(self) -> None:
+        self._stop = True
+
+    async def status(self) -> ControllerStatus:
+        workers = await self.pool.infos() if self.pool.workers else []
+        return ControllerStatus(
+            state=self._state, head=await self.streams.head(), live=await self.streams.live(),
+            pending_in_batcher=len(self.batcher), batches_committed=self._counts["batches"],
+            edits_applied=self._counts["applied"], edits_failed=self._counts["failed"],
+            dead_lettered=self._counts["dead"], started_at=self._started_at, last_error=self._last_error,
+            workers=workers,
+        )
+
+    async def _start(self) -> None:
+        await self.streams.ensure_group()
+        await self.pool.start()
+        head = await self.streams.head()
+        await self.pool.sync(head)
+        if await self.streams.live() != head:  # no serving tier yet: the committed head is what is live
+            await self.streams.set_live(head)
+        pending = await self.streams.read(CONSUMER, count=100_000, block_ms=None, own_pending=True)
+        if pending:
+            log.warning("resuming %d entries delivered before a restart", len(pending))
+        pending = await self._poison_check(pending)
+        await self._admit(pending)
+
+    async def _poison_check(self, entries: list[StreamEntry]) -> list[StreamEntry]:
+        kept = await dead_letter_if_poison(self.streams, entries, self.settings.max_deliveries)
+        self._count_dead(len(entries) - len(kept))
+        return kept
+
+    def _count_dead(self, n: int, reason: str = ReasonCode.max_deliveries.value) -> None:
+        if n:
+            self._counts["dead"] += n
+            self.metrics.inc("editq_dead_letters", n, reason=reason)
+
+    # ---- the loop ---------------------------------------------------------------------------------------------
+    async def _step(self) -> None:
+        s = self.settings
+        due = self.batcher.seconds_until_due()
+        if len(self.batcher) < 2 * s.batch_max_size and due != 0.0:
+            block_s = 1.0 if due is None else min(1.0, due)
+            entries = await self.streams.read(CONSUMER, s.batch_max_size, max(1, int(block_s * 1000)))
+            await self._admit(entries)
+        batch = self.batcher.take()
+        if batch:
+            await self._process(batch)
+        if time.monotonic() - self._last_sweep > s.janitor_interval_s:
+            self._last_sweep = time.monotonic()
+            await self._sweep()
+            depth = await self.streams.queue_depth()
+            self.metrics.set("editq_queue_lag_entries", depth["lag"])
+            self.metrics.set("editq_queue_pending_entries", depth["pending"])
+
+    async def _sweep(self) -> None:
+        def held(sid: str) -> bool:
+            return sid in self._in_flight or self.batcher.holds(sid)
+
+        claimed, dead = await sweep(
+            self.streams, CONSUMER, int(self.settings.claim_idle_s * 1000), self.settings.max_deliveries, held
+        )
+        self._count_dead(dead)
+        await self._admit(claimed)
+
+    async def _admit(self, entries: Sequence[StreamEntry]) -> None:
+        """Dead-letter unreadable entries, acknowledge ones already decided or duplicated, batch the rest."""
+        good: list[StreamEntry] = []
+        for entry in entries:
+            if entry.request is None:
+                log.error("dead-lettering %s: %s", entry.stream_id, entry.error)
+                await self.streams.dead_letter(entry, ReasonCode.invalid_payload, entry.error or "unreadable", None)
+                self._count_dead(1, ReasonCode.invalid_payload.value)
+            else:
+                good.append(entry)
+        if not good:
+            return
+        statuses = await self.streams.statuses([e.edit_id for e in good])
+        done, fresh = [], []
+        for entry in good:
+            st = statuses[entry.edit_id]
+            if st is not None and (st.state.terminal or (st.stream_id and st.stream_id != entry.stream_id)):
+                done.append(entry.stream_id)  # decided already, or a second entry for a known edit id
+            else:
+                fresh.append(entry)
+        if done:
+            await self.streams.ack(done)
+        self.batcher.add(fresh)
+
+    async def _process(self, batch: list[StreamEntry]) -> None:
+        statuses = await self.streams.statuses([e.edit_id for e in batch])
+        decided = [e.stream_id for e in batch if (st := statuses[e.edit_id]) is not None and st.state.terminal]
+        if decided:
+            await self.streams.ack(decided)
+        batch = [e for e in batch if e.stream_id not in decided]
+        if not batch:
+            return
+        self._in_flight = {e.stream_id for e in batch}
+        try:
+            await self.streams.mark_in_flight([e.edit_id for e in batch])
+            self.metrics.observe("editq_batch_size_edits", len(batch))
+            await self._apply(batch)
+        finally:
+            self._in_flight = set()
+
+    async def _apply(self, entries: list[StreamEntry]) -> None:
+        """Commit ``entries`` as one version; retry with backoff, then split to isolate what keeps failing."""
+        s = self.settings
+        error: BaseException | None = None
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(s.batch_retries + 1),
+                wait=wait_exponential(multiplier=s.retry_backoff_s, max=30),
+                retry=retry_if_exception(lambda e: not is_out_of_memory(e) and not isinstance(e, StaleHeadError)),
+                reraise=True,
+            ):
+                with attempt:
+                    await self._commit(entries)
+            return
+        except StaleHeadError:
+            raise
+        except Exception as err:
+            error = err
+            self._last_error = f"{type(err).__name__}: {err}"[:500]
+            reason = "out_of_memory" if is_out_of_memory(err) else "worker_error"
+            self.metrics.inc("editq_batch_failures", reason=reason)
+            log.warning("batch of %d failed (%s)", len(entries), self._last_error)
+        if len(entries) > 1:
+            mid = len(entries) // 2
+            await self._apply(entries[:mid])
+            await self._apply(entries[mid:])
+            return
+        await self._fail(entries[0], error)
+
+    async def _fail(self, entry: StreamEntry, error: BaseException | None) -> None:
+        code = ReasonCode.out_of_memory if error and is_out_of_memory(error) else ReasonCode.worker_error
+        reason = f"could not be applied alone after {self.settings.batch_retries + 1} attempts: {self._last_error}"
+        outcome = EditOutcome(
+            edit_id=entry.edit_id, state=EditState.failed, reason_code=code, reason=reason, stream_id=entry.stream_id
+        )
+        if await self.streams.finish([Finished(outcome, entry.stream_id)]):
+            self._counts["failed"] += 1
+            self.metrics.inc("editq_outcomes", state=EditState.failed.value)
+
+    async def _commit(self, entries: list[StreamEntry]) -> None:
+        requests = [e.request for e in entries]
+        head = await self.streams.head()
+        version = head + 1
+        t0 = time.perf_counter()
+        try:
+            result = await self.pool.edit(head, version, requests)
+        except BaseException:
+            await self._resync(head)
+            raise
+        compute_s = time.perf_counter() - t0
+        meta = self.pool.meta
+        manifest = build_manifest(
+            version, head, meta.base_model, result.edit_ids, meta.algo, result.deltas, result.checksums,
+            hparams=meta.hparams,
+            metrics={**result.metrics, **{f"seconds_{k}": v for k, v in result.seconds.items()}},
+        )
+        self.store.put(manifest, result.deltas, result.aux)
+        finished = [
+            Finished(EditOutcome(edit_id=e.edit_id, state=EditState.applied, version=version, stream_id=e.stream_id),
+                     e.stream_id)
+            for e in entries
+        ]
+        fields = {
+            "status": "committed", "parent": head, "edits": len(entries), "created_at": manifest.created_at.isoformat()
+        }
+        recorded = await self.streams.finish(finished, expect_head=head, new_head=version, version_fields=fields)
+        if recorded < 0:
+            await self._resync(head)
+            raise StaleHeadError(f"head moved from {head} while version {version} was computed")
+        self._counts["batches"] += 1
+        self._counts["applied"] += recorded
+        self.metrics.inc("editq_outcomes", recorded, state=EditState.applied.value)
+        self.metrics.observe("editq_batch_duration_seconds", compute_s, stage="compute")
+        self.metrics.observe("editq_delta_bytes", sum(d.nbytes for d in result.deltas))
+        self.metrics.set("editq_weight_version", version)
+        now = datetime.now(UTC)
+        for e in entries:
+            self.metrics.observe("editq_edit_latency_seconds", (now - e.request.created_at).total_seconds())
+        log.info("committed version %d with %d edits in %.1f s", version, len(entries), compute_s)
+        await self._after_commit(version)
+
+    async def _after_commit(self, version: int) -> None:
+        """Publish the version and move followers to it; failures here never undo the commit."""
+        try:
+            await self.streams.set_live(version)
+            self.metrics.set("editq_live_version", version)
+            await self.pool.sync(version)
+        except Exception as err:
+            log.warning("followers not yet at version %d: %s", version, err)
+
+    async def _resync(self, head: int) -> None:
+        try:
+            await self.pool.sync(head)
+        except Exception as err:
+            log.warning("could not resync workers to %d: %s", head, err)
+
+
+def _in_ray() -> bool:
+    try:
+        import ray
+
+        return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    except Exception:
+        return False

@@ -1,0 +1,349 @@
+"""Redis Streams client for the edit queue (Redis 7.0 command subset), shared by the door, the controller and CLI.
+
+Layout (all keys share the hash tag ``{<namespace>}`` so a Redis Cluster keeps them in one slot, which the Lua
+scripts below need):
+
+* ``{ns}:edits``     edit stream, consumer group ``controller``; never trimmed (pending entries must survive)
+* ``{ns}:outcomes``  one entry per terminal outcome
+* ``{ns}:dlq``       dead letters, with the reason
+* ``{ns}:edit:<id>`` per-edit hash (state, stream id, version, reason); also the idempotency record
+* ``{ns}:head``      newest committed weight version; ``{ns}:live`` the version the served model runs
+* ``{ns}:version:<v>`` per-version hash (status, parent, edit count)
+
+Nothing is lost or applied twice because the state changes that matter are single Lua scripts: intake checks the
+idempotency record and appends to the stream atomically; a batch's outcomes, its version commit and the XACKs of
+its entries happen together, so an entry is acknowledged only once its outcome is durable, and a re-delivered entry
+whose edit already has a terminal outcome is recognised and only acknowledged.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from pydantic import ValidationError
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from shared.outcomes import TERMINAL_STATES, EditOutcome, EditState, EditStatus, ReasonCode, SubmitResult
+from shared.schemas import EditRequest
+
+GROUP = "controller"
+_TERMINAL_LUA = "{" + ", ".join(f"['{s.value}']=true" for s in TERMINAL_STATES) + "}"
+
+_SUBMIT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {0, redis.call('HGET', KEYS[1], 'state'), redis.call('HGET', KEYS[1], 'stream_id') or ''}
+end
+local id = redis.call('XADD', KEYS[2], '*', 'edit_id', ARGV[1], 'request', ARGV[2])
+redis.call('HSET', KEYS[1], 'edit_id', ARGV[1], 'state', 'queued', 'stream_id', id, 'request', ARGV[2],
+           'submitted_at', ARGV[3], 'updated_at', ARGV[3])
+return {1, 'queued', id}
+"""
+
+# KEYS: edits, outcomes, head, version-hash, edit hashes...   ARGV: group, expect_head, new_head, now, maxlen,
+# version_fields_json, n, then per edit: stream_id, edit_id, state, version, reason_code, reason, outcome_json
+_FINISH = """
+local terminal = TERMINAL
+if ARGV[2] ~= '' then
+  local head = redis.call('GET', KEYS[3]) or '0'
+  if head ~= ARGV[2] then return -1 end
+end
+if ARGV[3] ~= '' then
+  redis.call('SET', KEYS[3], ARGV[3])
+  local fields = cjson.decode(ARGV[6])
+  for k, v in pairs(fields) do redis.call('HSET', KEYS[4], k, tostring(v)) end
+end
+local recorded = 0
+local n = tonumber(ARGV[7])
+for i = 1, n do
+  local b = 7 + (i - 1) * 7
+  local key = KEYS[4 + i]
+  local current = redis.call('HGET', key, 'state')
+  if not (current and terminal[current]) then
+    redis.call('HSET', key, 'edit_id', ARGV[b + 2], 'state', ARGV[b + 3], 'version', ARGV[b + 4],
+               'reason_code', ARGV[b + 5], 'reason', ARGV[b + 6], 'updated_at', ARGV[4])
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'edit_id', ARGV[b + 2], 'state', ARGV[b + 3],
+               'outcome', ARGV[b + 7])
+    recorded = recorded + 1
+  end
+  if ARGV[b + 1] ~= '' then redis.call('XACK', KEYS[1], ARGV[1], ARGV[b + 1]) end
+end
+return recorded
+""".replace("TERMINAL", _TERMINAL_LUA)
+
+# KEYS: edits, dlq   ARGV: group, stream_id, maxlen, then field/value pairs for the dead letter
+_DEAD_LETTER = """
+local fields = {}
+for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(fields))
+return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+_MARK_IN_FLIGHT = """
+local marked = 0
+for i = 1, #KEYS do
+  if redis.call('HGET', KEYS[i], 'state') == 'queued' then
+    redis.call('HSET', KEYS[i], 'state', 'in_flight', 'updated_at', ARGV[1])
+    marked = marked + 1
+  end
+end
+return marked
+"""
+
+
+@dataclass(frozen=True)
+class StreamEntry:
+    """One entry read from the edit stream: the parsed request, or why it could not be parsed."""
+
+    stream_id: str
+    fields: dict[str, str]
+    request: EditRequest | None
+    error: str | None = None
+
+    @property
+    def edit_id(self) -> str | None:
+        if self.request is not None:
+            return self.request.edit_id
+        return self.fields.get("edit_id") or None
+
+    @classmethod
+    def parse(cls, stream_id: str, fields: dict[str, str]) -> StreamEntry:
+        raw = fields.get("request")
+        if raw is None:
+            return cls(stream_id, fields, None, "entry has no 'request' field")
+        try:
+            request = EditRequest.model_validate_json(raw)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "request"
+            return cls(stream_id, fields, None, f"invalid EditRequest: {where}: {first['msg']}")
+        if fields.get("edit_id") and fields["edit_id"] != request.edit_id:
+            return cls(stream_id, fields, None, "edit_id field does not match the request's edit_id")
+        return cls(stream_id, fields, request)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A terminal outcome for one stream entry (``entry`` None when the edit is known but has no live entry)."""
+
+    outcome: EditOutcome
+    stream_id: str | None
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+class EditStreams:
+    """Typed access to the edit queue; every method is one round trip or one atomic script."""
+
+    def __init__(self, redis: Redis, namespace: str = "editq", outcome_maxlen: int = 1_000_000) -> None:
+        self.redis = redis
+        self.namespace = namespace
+        self.maxlen = outcome_maxlen
+        tag = "{" + namespace + "}"
+        self.edits_key = f"{tag}:edits"
+        self.outcomes_key = f"{tag}:outcomes"
+        self.dlq_key = f"{tag}:dlq"
+        self.head_key = f"{tag}:head"
+        self.live_key = f"{tag}:live"
+        self._edit_prefix = f"{tag}:edit:"
+        self._version_prefix = f"{tag}:version:"
+        self._submit = redis.register_script(_SUBMIT)
+        self._finish = redis.register_script(_FINISH)
+        self._dead_letter = redis.register_script(_DEAD_LETTER)
+        self._mark = redis.register_script(_MARK_IN_FLIGHT)
+
+    @classmethod
+    def from_url(cls, url: str, namespace: str = "editq", outcome_maxlen: int = 1_000_000) -> EditStreams:
+        return cls(Redis.from_url(url, decode_responses=True), namespace, outcome_maxlen)
+
+    def edit_key(self, edit_id: str) -> str:
+        return self._edit_prefix + edit_id
+
+    def version_key(self, version: int) -> str:
+        return f"{self._version_prefix}{version}"
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def ensure_group(self) -> None:
+        """Create the stream and its consumer group if missing (from the start, so nothing queued is skipped)."""
+        try:
+            await self.redis.xgroup_create(self.edits_key, GROUP, id="0", mkstream=True)
+        except ResponseError as err:
+            if "BUSYGROUP" not in str(err):
+                raise
+
+    # ---- the door ---------------------------------------------------------------------------------------------
+    async def submit(self, request: EditRequest) -> SubmitResult:
+        """Queue a validated edit once; an ``edit_id`` seen before is answered with its current state."""
+        assert request.edit_id is not None  # set by EditRequest's validator
+        created, state, stream_id = await self._submit(
+            keys=[self.edit_key(request.edit_id), self.edits_key],
+            args=[request.edit_id, request.model_dump_json(), _now()],
+        )
+        return SubmitResult(
+            edit_id=request.edit_id, state=EditState(state), duplicate=not int(created), stream_id=stream_id or None
+        )
+
+    # ---- the consumer -----------------------------------------------------------------------------------------
+    async def read(
+        self, consumer: str, count: int, block_ms: int | None, own_pending: bool = False
+    ) -> list[StreamEntry]:
+        """New entries (``>``), or with ``own_pending`` this consumer's delivered-but-unacknowledged ones."""
+        reply = await self.redis.xreadgroup(
+            GROUP, consumer, {self.edits_key: "0" if own_pending else ">"}, count=count, block=block_ms
+        )
+        entries: list[StreamEntry] = []
+        for _, items in reply or []:
+            entries += [StreamEntry.parse(sid, fields) for sid, fields in items if fields is not None]
+        return entries
+
+    async def deliveries(self, stream_ids: Sequence[str]) -> dict[str, int]:
+        """How often each pending entry has been delivered (for poison detection)."""
+        out: dict[str, int] = {}
+        for sid in stream_ids:
+            rows = await self.redis.xpending_range(self.edits_key, GROUP, min=sid, max=sid, count=1)
+            if rows:
+                out[sid] = int(rows[0]["times_delivered"])
+        return out
+
+    async def idle_pending(self, min_idle_ms: int, count: int = 100) -> list[dict]:
+        """Pending entries of any consumer idle longer than ``min_idle_ms`` (id, consumer, deliveries)."""
+        return await self.redis.xpending_range(self.edits_key, GROUP, min="-", max="+", count=count, idle=min_idle_ms)
+
+    async def claim(self, consumer: str, stream_ids: Sequence[str], min_idle_ms: int) -> list[StreamEntry]:
+        """Take over idle entries (XCLAIM counts as a delivery, so a crash loop ends in the dead letters)."""
+        if not stream_ids:
+            return []
+        items = await self.redis.xclaim(self.edits_key, GROUP, consumer, min_idle_ms, list(stream_ids))
+        return [StreamEntry.parse(sid, fields) for sid, fields in items if fields is not None]
+
+    async def fetch(self, stream_id: str) -> dict[str, str] | None:
+        items = await self.redis.xrange(self.edits_key, min=stream_id, max=stream_id, count=1)
+        return items[0][1] if items else None
+
+    async def statuses(self, edit_ids: Sequence[str]) -> dict[str, EditStatus | None]:
+        pipe = self.redis.pipeline(transaction=False)
+        for edit_id in edit_ids:
+            pipe.hgetall(self.edit_key(edit_id))
+        rows = await pipe.execute()
+        return {eid: _status(eid, row) for eid, row in zip(edit_ids, rows, strict=True)}
+
+    async def status(self, edit_id: str) -> EditStatus | None:
+        return (await self.statuses([edit_id]))[edit_id]
+
+    async def ack(self, stream_ids: Sequence[str]) -> int:
+        """Acknowledge entries that need no outcome (their edit is decided, or they duplicate a known edit)."""
+        return int(await self.redis.xack(self.edits_key, GROUP, *stream_ids)) if stream_ids else 0
+
+    async def mark_in_flight(self, edit_ids: Sequence[str]) -> int:
+        if not edit_ids:
+            return 0
+        return int(await self._mark(keys=[self.edit_key(e) for e in edit_ids], args=[_now()]))
+
+    async def finish(
+        self,
+        finished: Sequence[Finished],
+        expect_head: int | None = None,
+        new_head: int | None = None,
+        version_fields: dict | None = None,
+    ) -> int:
+        """Record terminal outcomes, acknowledge their entries and (optionally) commit a version, atomically.
+
+        With ``expect_head`` the whole call is refused (returns -1) unless the head is still that version, so a
+        stale controller can never commit. Edits that already have a terminal outcome are only acknowledged.
+        Returns the number of outcomes recorded.
+        """
+        args: list[str] = [
+            GROUP, "" if expect_head is None else str(expect_head), "" if new_head is None else str(new_head),
+            _now(), str(self.maxlen), json.dumps(version_fields or {}), str(len(finished)),
+        ]
+        keys = [self.edits_key, self.outcomes_key, self.head_key, self.version_key(new_head or 0)]
+        for item in finished:
+            o = item.outcome
+            keys.append(self.edit_key(o.edit_id))
+            args += [
+                item.stream_id or "", o.edit_id, o.state.value, "" if o.version is None else str(o.version),
+                o.reason_code.value if o.reason_code else "", o.reason or "", o.model_dump_json(),
+            ]
+        return int(await self._finish(keys=keys, args=args))
+
+    async def dead_letter(self, entry: StreamEntry, code: ReasonCode, reason: str, deliveries: int | None) -> None:
+        """Move an entry to the dead letters with its reason; a known edit also gets its terminal ``failed``."""
+        fields = {
+            "stream_id": entry.stream_id, "edit_id": entry.edit_id or "", "reason_code": code.value,
+            "reason": reason, "deliveries": str(deliveries or ""), "payload": json.dumps(entry.fields),
+            "at": _now(),
+        }
+        status = await self.status(entry.edit_id) if entry.edit_id else None
+        owns_edit = entry.edit_id and (status is None or status.stream_id in (None, entry.stream_id))
+        if owns_edit:  # never fail a real edit because a corrupt copy of its id was dead-lettered
+            outcome = EditOutcome(
+                edit_id=entry.edit_id, state=EditState.failed, reason_code=code, reason=reason,
+                stream_id=entry.stream_id,
+            )
+            await self.finish([Finished(outcome, None)])
+        flat = [x for kv in fields.items() for x in kv]
+        await self._dead_letter(keys=[self.edits_key, self.dlq_key], args=[GROUP, entry.stream_id, self.maxlen, *flat])
+
+    # ---- versions -----------------------------------------------------------------------------------------------
+    async def head(self) -> int:
+        return int(await self.redis.get(self.head_key) or 0)
+
+    async def live(self) -> int:
+        return int(await self.redis.get(self.live_key) or 0)
+
+    async def set_live(self, version: int) -> None:
+        await self.redis.set(self.live_key, version)
+
+    async def set_version_status(self, version: int, status: str) -> None:
+        await self.redis.hset(self.version_key(version), mapping={"status": status, "updated_at": _now()})
+
+    async def version_info(self, version: int) -> dict[str, str]:
+        return await self.redis.hgetall(self.version_key(version))
+
+    # ---- observing ----------------------------------------------------------------------------------------------
+    async def outcomes(
+        self, after: str = "0", count: int = 100, block_ms: int | None = None
+    ) -> list[tuple[str, EditOutcome]]:
+        """Outcomes after stream id ``after`` (``$`` for only new ones), oldest first."""
+        reply = await self.redis.xread({self.outcomes_key: after}, count=count, block=block_ms)
+        out: list[tuple[str, EditOutcome]] = []
+        for _, items in reply or []:
+            out += [(sid, EditOutcome.model_validate_json(f["outcome"])) for sid, f in items]
+        return out
+
+    async def dead_letters(self, count: int = 100) -> list[tuple[str, dict[str, str]]]:
+        return await self.redis.xrange(self.dlq_key, count=count)
+
+    async def queue_depth(self) -> dict[str, int]:
+        """Entries not yet delivered (lag) and delivered but unacknowledged (pending)."""
+        try:
+            groups = await self.redis.xinfo_groups(self.edits_key)
+        except ResponseError:
+            return {"lag": 0, "pending": 0, "length": 0}
+        group = next((g for g in groups if g["name"] == GROUP), None)
+        length = await self.redis.xlen(self.edits_key)
+        if group is None:
+            return {"lag": length, "pending": 0, "length": length}
+        lag = group.get("lag")
+        return {"lag": int(lag if lag is not None else 0), "pending": int(group["pending"]), "length": length}
+
+    async def delete_namespace(self) -> int:
+        """Remove every key of this namespace (tests and `editq reset`)."""
+        deleted = 0
+        async for key in self.redis.scan_iter(match="{" + self.namespace + "}:*", count=1000):
+            deleted += await self.redis.delete(key)
+        return deleted
+
+
+def _status(edit_id: str, row: dict[str, str]) -> EditStatus | None:
+    if not row:
+        return None
+    clean = {k: v for k, v in row.items() if v != "" and k != "request"}
+    return EditStatus.model_validate({"edit_id": edit_id, **clean})

@@ -1,0 +1,155 @@
+"""The edit worker: holds the model at a committed weight version and computes batch updates on it.
+
+A plain class, made a Ray actor by the controller (``ray.remote(EditWorker).options(...)``), so it is also usable
+and testable without Ray. With several workers, a batch's v* is sharded across them (``compute_values``) and one
+leader solves the closed-form update (``edit``); the others then follow the committed version from the store
+(``sync``), so every worker holds bit-identical matrices, which ``info().checksums`` lets the controller verify.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from shared.jobs import EditJob, EditResult, StoreMeta, ValuesJob, ValuesShard, WorkerConfig, WorkerInfo
+from shared.settings import Settings
+from shared.weight_store import BASE_VERSION, LocalWeightStore, lineage
+from workers.editing.editor import Editor
+from workers.editing.hparams import EditHParams
+from workers.editing.stats import SecondMomentCache, StatsCorpus
+from workers.editing.values import ValueResult
+from workers.evaluation.runner import resolve_hparams
+from workers.model_io import load_model, model_fingerprint
+
+log = logging.getLogger("editq.worker")
+
+
+class VersionMismatchError(RuntimeError):
+    """The worker is not at the version a job was computed for."""
+
+
+def _keys_aux(edited_keys: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"keys.{layer}": k for layer, k in edited_keys.items()}
+
+
+def _keys_from_aux(aux: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+    return {int(k.split(".", 1)[1]): v for k, v in aux.items() if k.startswith("keys.")}
+
+
+class EditWorker:
+    def __init__(self, config: WorkerConfig) -> None:
+        settings = Settings(**config.settings)
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        self.index = config.index
+        model_path = settings.resolved_model_path()
+        self.model, self.tokenizer = load_model(model_path, device=settings.device)
+        fingerprint = model_fingerprint(model_path)
+        meta = config.meta
+        if meta is None:
+            hp = resolve_hparams(self.model.config, settings.algo, {}, settings)
+        else:
+            if meta.base_model != fingerprint:
+                raise ValueError(
+                    f"the weight store was made for model {meta.base_model}, but this worker loaded {fingerprint}: "
+                    "use another EDITQ_NAMESPACE or EDITQ_STORE_DIR for another model"
+                )
+            hp = EditHParams.from_dict(meta.hparams)
+        stats = SecondMomentCache(
+            settings.stats_dir, fingerprint,
+            StatsCorpus(n_texts=hp.stats_texts, text_tokens=hp.stats_text_tokens, seed=hp.seed),
+        )
+        self.editor = Editor(
+            self.model, self.tokenizer, hp, stats, fingerprint, templates=meta.templates if meta else None
+        )
+        self.meta = meta or StoreMeta(
+            base_model=fingerprint, algo=hp.algo, hparams=hp.to_dict(), templates=self.editor.state.templates
+        )
+        self.base = {name: w.clone() for name, w in self._matrices().items()}
+        self.store = LocalWeightStore(settings.resolved_store_dir())
+        self.version = BASE_VERSION
+
+    def _matrices(self) -> dict[str, torch.Tensor]:
+        layout = self.editor.layout
+        return {layout.weight_name(layer): w for layer, w in self.editor.state.weights.items()}
+
+    def prepare(self) -> WorkerInfo:
+        """Load or compute the key statistics (and null-space projectors) before the first batch."""
+        self.editor.prepare()
+        return self.info()
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(
+            index=self.index, version=self.version, device=str(self.editor.device),
+            checksums=self.editor.checksums(), meta=self.meta,
+        )
+
+    def sync(self, version: int, force_rebuild: bool = False) -> WorkerInfo:
+        """Move to committed ``version``: forward along its lineage when possible, else rebuild from base."""
+        if version == self.version and not force_rebuild:
+            return self.info()
+        chain = lineage(self.store, version)
+        on_chain = [m.version for m in chain]
+        if force_rebuild or (self.version != BASE_VERSION and self.version not in on_chain):
+            self._reset_to_base()
+        start = on_chain.index(self.version) + 1 if self.version in on_chain else 0
+        for manifest in chain[start:]:
+            deltas, aux = self.store.deltas(manifest.version)
+            self.editor.apply_deltas(deltas, _keys_from_aux(aux))
+            self.version = manifest.version
+            bad = [e.name for e in manifest.matrices if self.editor.checksums()[e.name] != e.sha256]
+            if bad:
+                raise RuntimeError(f"worker {self.index}: version {manifest.version} rebuilt with wrong {bad}")
+        self.version = version
+        return self.info()
+
+    def _reset_to_base(self) -> None:
+        layout = self.editor.layout
+        state = self.editor.state
+        for layer in state.weights:
+            state.weights[layer] = self.base[layout.weight_name(layer)].clone()
+        state.prev_keys_cov.clear()
+        state.edit_ids.clear()
+        state.n_batches = 0
+        self.editor.reset_weights()
+        self.version = BASE_VERSION
+
+    def _require_version(self, version: int) -> None:
+        if self.version != version:
+            raise VersionMismatchError(f"worker {self.index} is at version {self.version}, job needs {version}")
+
+    def compute_values(self, job: ValuesJob) -> ValuesShard:
+        """v* of one shard of a batch (the expensive, embarrassingly parallel part)."""
+        self._require_version(job.version)
+        self.editor.prepare()
+        seconds: dict[str, float] = {}
+        values = self.editor.compute_values(job.requests, seconds)
+        return ValuesShard(
+            targets=values.targets, deltas=values.deltas, nll=values.nll, steps=values.steps, seconds=seconds
+        )
+
+    def edit(self, job: EditJob) -> EditResult:
+        """Solve and apply one batch on top of ``job.parent``; the worker is then at ``job.version`` (uncommitted:
+        the controller syncs it back to the parent if the commit does not happen)."""
+        self._require_version(job.parent)
+        start = time.perf_counter()
+        values = None
+        if job.shards:
+            values = ValueResult.concat(
+                [ValueResult(s.targets, s.deltas, s.nll, s.steps) for s in job.shards]
+            )
+        result = self.editor.apply(job.requests, values)
+        self.version = job.version
+        changed = {d.name for d in result.deltas}
+        checksums = {name: sha for name, sha in self.editor.checksums().items() if name in changed}
+        seconds = dict(result.seconds)
+        for shard in job.shards or []:
+            for key, value in shard.seconds.items():
+                seconds[f"shard_{key}"] = max(seconds.get(f"shard_{key}", 0.0), value)
+        seconds["leader_total"] = time.perf_counter() - start
+        return EditResult(
+            version=job.version, parent=job.parent, edit_ids=result.edit_ids, deltas=result.deltas,
+            aux=_keys_aux(result.edited_keys), checksums=checksums, v_nll=result.v_nll, seconds=seconds,
+        )
