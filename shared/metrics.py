@@ -178,3 +178,18 @@ class RayMetrics:
 
     def observe(self, name: str, value: float, **labels: str) -> None:
         self._get(name, Kind.histogram).observe(value, tags=labels or None)
+
+
+def metric_key(name: str, **labels: str | int) -> str:
+    """Flat key for a labelled value in a JSON dict (version manifests): ``editq_sigma_max|layer=4``."""
+    if name not in SPECS:
+        raise KeyError(f"unknown metric {name!r}: declare it in shared/metrics.py")
+    return "|".join([name, *(f"{k}={v}" for k, v in sorted(labels.items()))])
+
+
+def parse_metric_key(key: str) -> tuple[str, dict[str, str]] | None:
+    """Inverse of ``metric_key``; None for keys that are not declared metrics (plain manifest numbers)."""
+    name, *pairs = key.split("|")
+    if name not in SPECS:
+        return None
+    return name, dict(p.split("=", 1) for p in pairs)
