@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from controller.pipeline_cli import register as register_pipeline_commands
 from controller.progress import stage_progress
 from shared.settings import Settings
 
@@ -144,6 +145,8 @@ def demo(
     with stage_progress(console) as progress:
         run_demo(_settings(home, model), n_edits, show, console, progress)
 
+
+register_pipeline_commands(app)
 
 if __name__ == "__main__":
     app()

@@ -93,6 +93,10 @@ class Controller:
     async def stop(self) -> None:
         self._stop = True
 
+    async def kill_worker(self, index: int) -> None:
+        """Kill one edit worker (fault drills and tests); Ray restarts it and the next batch re-syncs it."""
+        self.pool.kill(index)
+
     async def status(self) -> ControllerStatus:
         workers = await self.pool.infos() if self.pool.workers else []
         return ControllerStatus(

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class EditState(StrEnum):
     queued = "queued"  # accepted, in the edit stream
     in_flight = "in_flight"  # in a batch being computed
+    committed = "committed"  # in a committed weight version that is being rolled out to the replicas
     applied = "applied"
     rejected = "rejected"
     failed = "failed"

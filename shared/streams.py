@@ -65,8 +65,10 @@ for i = 1, n do
   if not (current and terminal[current]) then
     redis.call('HSET', key, 'edit_id', ARGV[b + 2], 'state', ARGV[b + 3], 'version', ARGV[b + 4],
                'reason_code', ARGV[b + 5], 'reason', ARGV[b + 6], 'updated_at', ARGV[4])
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'edit_id', ARGV[b + 2], 'state', ARGV[b + 3],
-               'outcome', ARGV[b + 7])
+    if terminal[ARGV[b + 3]] then
+      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'edit_id', ARGV[b + 2], 'state', ARGV[b + 3],
+                 'outcome', ARGV[b + 7])
+    end
     recorded = recorded + 1
   end
   if ARGV[b + 1] ~= '' then redis.call('XACK', KEYS[1], ARGV[1], ARGV[b + 1]) end
@@ -117,9 +119,10 @@ class StreamEntry:
         try:
             request = EditRequest.model_validate_json(raw)
         except ValidationError as err:
-            first = err.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "request"
-            return cls(stream_id, fields, None, f"invalid EditRequest: {where}: {first['msg']}")
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'request'}: {e['msg']}" for e in err.errors()
+            )
+            return cls(stream_id, fields, None, f"invalid EditRequest: {problems}")
         if fields.get("edit_id") and fields["edit_id"] != request.edit_id:
             return cls(stream_id, fields, None, "edit_id field does not match the request's edit_id")
         return cls(stream_id, fields, request)
@@ -253,8 +256,9 @@ class EditStreams:
         new_head: int | None = None,
         version_fields: dict | None = None,
     ) -> int:
-        """Record terminal outcomes, acknowledge their entries and (optionally) commit a version, atomically.
+        """Record outcomes, acknowledge their entries and (optionally) commit a version, atomically.
 
+        Terminal states are also published on the outcome stream; ``committed`` (waiting for its rollout) is not.
         With ``expect_head`` the whole call is refused (returns -1) unless the head is still that version, so a
         stale controller can never commit. Edits that already have a terminal outcome are only acknowledged.
         Returns the number of outcomes recorded.

@@ -132,3 +132,50 @@ def smollm2():
     if not (path / "config.json").exists():
         pytest.fail(f"SmolLM2 is not at {path}: run `make setup` (editq models fetch) first")
     return load_model(path, device="cpu")
+
+
+# ---- pipeline fixtures: real Redis, real Ray, a tiny model saved as an HF directory ---------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The Redis server the queue tests run against (`.ci/run` starts one when none answers)."""
+    from controller.runtime import redis_answers
+    from shared.settings import Settings
+
+    url = Settings().redis_url
+    if not redis_answers(url):
+        pytest.fail(f"no Redis answers at {url}: start one (redis-server) or set EDITQ_REDIS_URL")
+    return url
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray cluster per test session (2 cores here: actors take at most 1 CPU)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="editq-tests")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny random Llama + word-level tokenizer saved as a normal HF model directory, with editor settings
+    sized for it (``hparams.json``), so pipeline tests exercise the real code paths in seconds."""
+    import json
+
+    out = tmp_path_factory.mktemp("tiny-model")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(WORDS), max_position_embeddings=128, tie_word_embeddings=True, pad_token_id=0,
+        initializer_range=0.2,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    tiny_tokenizer.save_pretrained(out)
+    hparams = {"layers": [1, 2], "stats_texts": 32, "stats_text_tokens": 16, "v_num_grad_steps": 10,
+               "n_context_templates": 2}
+    (out / "hparams.json").write_text(json.dumps(hparams))
+    return out

@@ -5,9 +5,12 @@ from workers.datasets.loaders import (
     DataFormatError,
     EditDataset,
     bundled_counterfact_path,
+    convert_record,
     detect_format,
     load_edits,
+    parse_each,
     parse_records,
+    read_records_text,
 )
 
 __all__ = [
@@ -15,7 +18,10 @@ __all__ = [
     "DataFormatError",
     "EditDataset",
     "bundled_counterfact_path",
+    "convert_record",
     "detect_format",
     "load_edits",
+    "parse_each",
     "parse_records",
+    "read_records_text",
 ]

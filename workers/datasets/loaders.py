@@ -150,36 +150,70 @@ def _explain(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def convert_record(record: Any, index: int, fmt: DataFormat | None, source_name: str = "data") -> EditRequest:
+    """One raw record as an EditRequest (format detected from it when ``fmt`` is None); errors name the field."""
+    try:
+        return _CONVERTERS[fmt or detect_format(record)](record, index)
+    except DataFormatError as err:
+        raise DataFormatError(f"{source_name} record {index}: {err}") from None
+    except KeyError as err:
+        raise DataFormatError(f"{source_name} record {index}: missing field {err.args[0]!r}") from None
+    except ValidationError as err:
+        raise DataFormatError(f"{source_name} record {index}: {_explain(err)}") from None
+    except (TypeError, AttributeError) as err:
+        raise DataFormatError(f"{source_name} record {index}: malformed record ({err})") from None
+
+
 def parse_records(
     records: Iterable[dict[str, Any]], source_name: str = "data", limit: int | None = None
 ) -> EditDataset:
-    """Convert raw records (all of one format) into edit requests."""
+    """Convert raw records (all of one format) into edit requests; the first bad record fails the whole file."""
     requests: list[EditRequest] = []
     fmt: DataFormat | None = None
     for index, record in enumerate(records):
         if limit is not None and len(requests) >= limit:
             break
-        try:
-            fmt = fmt or detect_format(record)
-            requests.append(_CONVERTERS[fmt](record, index))
-        except DataFormatError as err:
-            raise DataFormatError(f"{source_name} record {index}: {err}") from None
-        except KeyError as err:
-            raise DataFormatError(f"{source_name} record {index}: missing field {err.args[0]!r}") from None
-        except ValidationError as err:
-            raise DataFormatError(f"{source_name} record {index}: {_explain(err)}") from None
-        except (TypeError, AttributeError) as err:
-            raise DataFormatError(f"{source_name} record {index}: malformed record ({err})") from None
+        if fmt is None:
+            try:
+                fmt = detect_format(record)
+            except DataFormatError as err:
+                raise DataFormatError(f"{source_name} record {index}: {err}") from None
+        requests.append(convert_record(record, index, fmt, source_name))
     if fmt is None:
         raise DataFormatError(f"{source_name}: no records")
     return EditDataset(fmt, requests)
 
 
+def parse_each(records: Iterable[Any], source_name: str = "data") -> list[EditRequest | DataFormatError]:
+    """Convert every record on its own, so one bad record is reported without stopping the good ones."""
+    out: list[EditRequest | DataFormatError] = []
+    fmt: DataFormat | None = None
+    for index, record in enumerate(records):
+        try:
+            fmt = fmt or detect_format(record)
+        except DataFormatError as err:
+            out.append(DataFormatError(f"{source_name} record {index}: {err}"))
+            continue
+        try:
+            out.append(convert_record(record, index, fmt, source_name))
+        except DataFormatError as err:
+            out.append(err)
+    return out
+
+
 def _read_records(path: Path) -> list[Any]:
-    text = path.read_text(encoding="utf-8")
+    return read_records_text(path.read_text(encoding="utf-8"), str(path), jsonl=path.suffix == ".jsonl")
+
+
+def read_records_text(text: str, name: str, jsonl: bool | None = None) -> list[Any]:
+    """Records from JSON (a list or one object) or JSONL text; ``jsonl=None`` guesses from the text."""
+    path = name
     if not text.strip():
         raise DataFormatError(f"{path}: file is empty")
-    if path.suffix == ".jsonl":
+    if jsonl is None:
+        stripped = text.lstrip()
+        jsonl = not stripped.startswith("[") and len([ln for ln in text.splitlines() if ln.strip()]) > 1
+    if jsonl:
         records = []
         for line_no, line in enumerate(text.splitlines(), 1):
             if line.strip():

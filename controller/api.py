@@ -1,0 +1,176 @@
+"""HTTP API (FastAPI): the door for edits, their status, versions, and Prometheus metrics.
+
+``POST /v1/edits`` validates and queues; an invalid edit is answered 422 with the field and reason and never
+enters the stream. ``/metrics`` serves this process's counters plus gauges read at scrape time from Redis and the
+weight store (queue lag, dead letters, versions, the collapse metrics of the newest version), so one scrape shows
+the pipeline's state whichever process produced it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from pydantic import BaseModel
+from redis import Redis
+
+from shared.metrics import SPECS, PrometheusMetrics, parse_metric_key
+from shared.outcomes import EditOutcome, EditStatus, SubmitResult
+from shared.schemas import EditRequest
+from shared.settings import Settings
+from shared.streams import EditStreams
+from shared.weight_store import LocalWeightStore, StoreError, VersionManifest
+
+
+class VersionsView(BaseModel):
+    head: int
+    live: int
+    versions: list[dict]
+
+
+class QueueView(BaseModel):
+    lag: int
+    pending: int
+    length: int
+    dead_letters: int
+
+
+class StateCollector:
+    """Gauges computed at scrape time from Redis and the store (a custom prometheus-client collector)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.redis = Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=2)
+        self.store = LocalWeightStore(settings.resolved_store_dir())
+        tag = "{" + settings.namespace + "}"
+        self.keys = {k: f"{tag}:{k}" for k in ("edits", "dlq", "head", "live")}
+
+    def _gauge(self, name: str, value: float, labels: dict[str, str] | None = None) -> GaugeMetricFamily:
+        spec = SPECS[name]
+        family = GaugeMetricFamily(name, spec.doc, labels=list(spec.labels))
+        family.add_metric([labels[k] for k in spec.labels] if labels else [], value)
+        return family
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        try:
+            head = int(self.redis.get(self.keys["head"]) or 0)
+            live = int(self.redis.get(self.keys["live"]) or 0)
+            dlq = self.redis.xlen(self.keys["dlq"])
+            groups = self.redis.xinfo_groups(self.keys["edits"]) if self.redis.exists(self.keys["edits"]) else []
+        except Exception:
+            return
+        group = next((g for g in groups if g["name"] == "controller"), None)
+        yield self._gauge("editq_weight_version", head)
+        yield self._gauge("editq_live_version", live)
+        yield self._gauge("editq_dead_letter_entries", dlq)
+        if group is not None:
+            yield self._gauge("editq_queue_lag_entries", int(group.get("lag") or 0))
+            yield self._gauge("editq_queue_pending_entries", int(group["pending"]))
+        if head:
+            try:
+                manifest = self.store.manifest(head)
+            except StoreError:
+                return
+            families: dict[str, GaugeMetricFamily] = {}
+            for key, value in manifest.metrics.items():
+                parsed = parse_metric_key(key)
+                if parsed is None or SPECS[parsed[0]].kind != "gauge":
+                    continue
+                name, labels = parsed
+                spec = SPECS[name]
+                family = families.setdefault(name, GaugeMetricFamily(name, spec.doc, labels=list(spec.labels)))
+                family.add_metric([labels.get(k, "") for k in spec.labels], value)
+            yield from families.values()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = PrometheusMetrics()
+    metrics.registry.register(StateCollector(settings))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.streams = EditStreams.from_url(settings.redis_url, settings.namespace, settings.stream_maxlen)
+        await app.state.streams.ensure_group()
+        yield
+        await app.state.streams.close()
+
+    app = FastAPI(
+        title="editq", version="0.1.0", lifespan=lifespan,
+        description="Queue fact corrections for a served LLM; follow them to the weight version that holds them.",
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.store = LocalWeightStore(settings.resolved_store_dir())
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        if request.url.path.startswith("/v1/edits"):
+            metrics.inc("editq_edits_invalid")
+        return await request_validation_exception_handler(request, exc)
+
+    @app.post("/v1/edits", status_code=202, response_model=SubmitResult | list[SubmitResult])
+    async def submit_edits(body: EditRequest | list[EditRequest]) -> SubmitResult | list[SubmitResult]:
+        """Queue one edit or a list; each answer holds the ``edit_id`` to follow (``duplicate`` if known)."""
+        streams: EditStreams = app.state.streams
+        many = isinstance(body, list)
+        results = [await streams.submit(r) for r in (body if many else [body])]
+        for request, result in zip(body if many else [body], results, strict=True):
+            if not result.duplicate:
+                metrics.inc("editq_edits_submitted", source=request.source[:32])
+        return results if many else results[0]
+
+    @app.get("/v1/edits/{edit_id:path}", response_model=EditStatus)
+    async def edit_status(edit_id: str) -> EditStatus:
+        status = await app.state.streams.status(edit_id)
+        if status is None:
+            raise HTTPException(404, f"no edit with id {edit_id!r}")
+        return status
+
+    @app.get("/v1/outcomes", response_model=list[EditOutcome])
+    async def outcomes(after: str = "0", count: int = 100) -> list[EditOutcome]:
+        return [o for _, o in await app.state.streams.outcomes(after=after, count=min(count, 1000))]
+
+    @app.get("/v1/queue", response_model=QueueView)
+    async def queue() -> QueueView:
+        streams: EditStreams = app.state.streams
+        depth = await streams.queue_depth()
+        return QueueView(**depth, dead_letters=await streams.redis.xlen(streams.dlq_key))
+
+    @app.get("/v1/weights", response_model=VersionsView)
+    async def weights(limit: int = 20) -> VersionsView:
+        """Committed weight versions, newest first, with the manifest summary (audit trail)."""
+        streams: EditStreams = app.state.streams
+        store: LocalWeightStore = app.state.store
+        rows = []
+        for version in sorted(store.versions(), reverse=True)[: max(1, min(limit, 1000))]:
+            info = await streams.version_info(version)
+            if not info:
+                continue  # written to the store but never committed (a crash before its commit)
+            manifest: VersionManifest = store.manifest(version)
+            rows.append({
+                "version": version, "parent": manifest.parent, "status": info.get("status"),
+                "edits": len(manifest.edit_ids), "algo": manifest.algo, "created_at": manifest.created_at,
+                "delta_bytes": sum(m.delta_bytes for m in manifest.matrices),
+            })
+        return VersionsView(head=await streams.head(), live=await streams.live(), versions=rows)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        try:
+            await app.state.streams.redis.ping()
+        except Exception as err:
+            raise HTTPException(503, f"redis unavailable: {err}") from None
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
