@@ -23,7 +23,7 @@ def client(redis_url, tmp_path):
 
 
 def test_submit_status_and_idempotency(client) -> None:
-    c, settings = client
+    c, _ = client
     edit = {"edit_id": "ceo-1", "subject": "Acme", "prompt": "The CEO of {} is", "target_new": "Jane Doe"}
     first = c.post("/v1/edits", json=edit)
     assert first.status_code == 202 and first.json()["edit_id"] == "ceo-1" and not first.json()["duplicate"]
@@ -45,7 +45,7 @@ def test_submit_status_and_idempotency(client) -> None:
     ({"subject": "Acme", "prompt": "The CEO of {} is", "target_new": "Jane", "colour": 1}, "colour", "Extra"),
 ])
 def test_invalid_edits_are_rejected_at_the_door(client, edit, field, text) -> None:
-    c, settings = client
+    c, _ = client
     response = c.post("/v1/edits", json=edit)
     assert response.status_code == 422
     detail = str(response.json()["detail"])

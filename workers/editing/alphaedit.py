@@ -19,13 +19,15 @@ class NullSpace:
     projector: torch.Tensor  # (d_in, d_in)
     null_dim: int
     threshold: float  # eigenvalue below which directions count as null
+    preserved: torch.Tensor | None = None  # (d_in, d_in - null_dim) preserved eigenvectors, ascending eigenvalue
 
 
-def null_space_projector(mom2: torch.Tensor, preserved_energy: float) -> NullSpace:
+def null_space_projector(mom2: torch.Tensor, preserved_energy: float, keep_preserved: bool = False) -> NullSpace:
     """Projector onto the directions left after the top eigen-directions that hold ``preserved_energy`` of trace(C).
 
     A relative rule: the published absolute threshold (2e-2 on normalised C) selects ~70% of directions on
-    Llama3 but a different share on models with another activation scale.
+    Llama3 but a different share on models with another activation scale. ``keep_preserved`` also returns the
+    preserved eigenvectors (AlphaEdit+ relaxes the projector with them, lowest eigenvalue first).
     """
     evals, evecs = torch.linalg.eigh(mom2.to(torch.float64))  # ascending
     evals = evals.clamp(min=0)
@@ -37,7 +39,8 @@ def null_space_projector(mom2: torch.Tensor, preserved_energy: float) -> NullSpa
     null_dim = evals.numel() - kept
     basis = evecs[:, :null_dim]
     threshold = float(evals[null_dim]) if null_dim < evals.numel() else float("inf")
-    return NullSpace(projector=basis @ basis.T, null_dim=null_dim, threshold=threshold)
+    preserved = evecs[:, null_dim:].contiguous() if keep_preserved else None
+    return NullSpace(projector=basis @ basis.T, null_dim=null_dim, threshold=threshold, preserved=preserved)
 
 
 def alphaedit_update(

@@ -1,8 +1,11 @@
-"""The sequential editor: one call applies one batch of edits with MEMIT or AlphaEdit, in place.
+"""The sequential editor: one call applies one batch of edits with MEMIT, AlphaEdit or AlphaEdit+, in place.
 
 Per batch: target values v* for all edits (one batched optimisation), then bottom-to-top over the edited layers:
-keys on the partially edited model, residual spread over the remaining layers, closed-form update. The keys of
-the applied batch are then re-read on the edited model and accumulated so later batches preserve them.
+keys on the partially edited model, residual spread over the remaining layers, closed-form update, then the
+optional collapse guard (REVIVE filter, PRUNE restraint) before the update is written, so later layers see the
+guarded model. A guarded batch whose own edits no longer take is rejected (``GuardRejection``) and the model is
+restored exactly. The keys of the applied batch are then re-read on the edited model and accumulated so later
+batches preserve them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from shared.delta import MatrixDelta, tensor_sha256
 from shared.schemas import EditRequest
 from workers.editing.alphaedit import NullSpace, alphaedit_update, null_space_projector
+from workers.editing.alphaedit_plus import PlusSettings, alphaedit_plus_update
 from workers.editing.hparams import EditHParams
 from workers.editing.keys import read_keys_and_output
 from workers.editing.layout import ModelLayout
@@ -26,6 +30,8 @@ from workers.editing.state import EditorState
 from workers.editing.stats import Progress, SecondMomentCache
 from workers.editing.templates import generate_context_templates
 from workers.editing.values import ValueResult, compute_target_values
+from workers.guards.policy import SpectralGuard, check_batch, edit_success
+from workers.guards.revive import load_spectrum
 
 
 @dataclass
@@ -37,7 +43,10 @@ class BatchResult:
     targets: torch.Tensor  # v* per edit at the last edited layer, (n, d)
     v_nll: list[float]  # final target NLL of the v* optimisation per edit
     v_steps: int
-    seconds: dict[str, float] = field(default_factory=dict)  # keys / values / solve
+    seconds: dict[str, float] = field(default_factory=dict)  # keys / values / solve / guard
+    filtered_energy: dict[int, float] = field(default_factory=dict)  # REVIVE: share of each update removed
+    guard_efficacy: float | None = None  # share of the batch's edits that take after the guard
+    diagnostics: dict[str, float] = field(default_factory=dict)  # algorithm details, e.g. AlphaEdit+ choices
 
 
 class Editor:
@@ -60,12 +69,15 @@ class Editor:
         self.stats = stats
         self.progress = progress
         self.device = next(model.parameters()).device
+        # Pretrained matrices for the guards: the model's own when it is still at base, else the spectrum cache.
+        self._base: dict[int, torch.Tensor] = {}
         if state is None:
             if templates is None:  # sampled once; workers that must agree pass the same list instead
                 templates = generate_context_templates(
                     model, tokenizer, hparams.n_context_templates, hparams.context_template_tokens, hparams.seed
                 )
             weights = {layer: self.layout.get_weight(model, layer).float() for layer in hparams.layers}
+            self._base = {layer: w.detach().cpu().clone() for layer, w in weights.items()}
             state = EditorState(
                 hparams=hparams,
                 model_fingerprint=model_fingerprint,
@@ -75,11 +87,16 @@ class Editor:
             )
         else:
             self._check_compatible(state, hparams, model_fingerprint)
+            for layer in state.weights:
+                current = self.layout.get_weight(model, layer).float().cpu()
+                if tensor_sha256(current) == state.base_sha256.get(layer):
+                    self._base[layer] = current.clone()
             for layer, weight in state.weights.items():
                 self.layout.set_weight(model, layer, weight)
         self.state = state
         self._mom2: dict[int, torch.Tensor] | None = None
         self._null: dict[int, NullSpace] = {}
+        self.guard: SpectralGuard | None = None
 
     @property
     def hparams(self) -> EditHParams:
@@ -95,7 +112,7 @@ class Editor:
             raise ValueError("editor state was made with other layers/algorithm than requested")
 
     def prepare(self) -> None:
-        """Load (or compute once) the second moments and, for AlphaEdit, the null-space projectors."""
+        """Load (or compute once) the second moments, the null-space projectors and the guard's spectra."""
         if self._mom2 is None:
             mom2 = self.stats.get(
                 self.model, self.tokenizer, self.layout, self.hparams.layers,
@@ -103,10 +120,29 @@ class Editor:
             )
             dtype = getattr(torch, self.hparams.solve_dtype)
             self._mom2 = {layer: c.to(self.device, dtype) for layer, c in mom2.items()}
-        if self.hparams.algo == "alphaedit" and not self._null:
+        hp = self.hparams
+        if hp.algo in ("alphaedit", "alphaedit_plus") and not self._null:
+            keep = hp.algo == "alphaedit_plus" and hp.aplus_search_eps is not None
             self._null = {
-                layer: null_space_projector(c, self.hparams.nullspace_energy) for layer, c in self._mom2.items()
+                layer: null_space_projector(c, hp.nullspace_energy, keep_preserved=keep)
+                for layer, c in self._mom2.items()
             }
+        if SpectralGuard.active(hp) and self.guard is None:
+            self.guard = self._build_guard()
+
+    def _build_guard(self) -> SpectralGuard:
+        cache = self.stats.dir.parent / "spectra"
+        base = dict(self._base)
+        for layer in self.hparams.layers:
+            if layer not in base:  # resumed from a saved state on an edited model: W0 from its cached spectrum
+                spectrum = load_spectrum(cache, self.state.base_sha256[layer])
+                if spectrum is None:
+                    raise RuntimeError(
+                        f"the guard needs the pretrained matrix of layer {layer}: load the editor on the base "
+                        f"model, or keep its spectrum cache in {cache}"
+                    )
+                base[layer] = spectrum.weight().float()
+        return SpectralGuard.build(self.hparams, base, self.state.base_sha256, cache, self.device)
 
     def null_space(self, layer: int) -> NullSpace:
         self.prepare()

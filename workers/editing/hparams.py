@@ -7,14 +7,15 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-Algo = Literal["memit", "alphaedit"]
-ALGOS: tuple[str, ...] = ("memit", "alphaedit")
+Algo = Literal["memit", "alphaedit", "alphaedit_plus"]
+ALGOS: tuple[str, ...] = ("memit", "alphaedit", "alphaedit_plus")
+GUARDS: tuple[str, ...] = ("none", "revive")
 _TUNED_FILE = Path(__file__).with_name("tuned_hparams.json")
 
 
 @dataclass(frozen=True)
 class EditHParams:
-    """Settings of the locate-then-edit family (MEMIT, AlphaEdit).
+    """Settings of the locate-then-edit family (MEMIT, AlphaEdit, AlphaEdit+) and of the collapse guards.
 
     Published values are for GPT-J/Llama3-8B; ``tuned_hparams.json`` records what the sweep chose for other
     model shapes (see ``benchmarks/sweeps/``).
@@ -41,6 +42,31 @@ class EditHParams:
     nullspace_energy: float = 0.8
     l2: float = 10.0
     solve_dtype: str = "float64"
+    # AlphaEdit+ (workers/editing/alphaedit_plus.py). Each relaxation switches off on its own; all off = AlphaEdit.
+    # Relaxed projector: add preserved eigen-directions of C (lowest eigenvalue first, ``aplus_search_step`` at a
+    # time, at most ``aplus_search_max``) while the objective drops by more than eps per direction; None: off.
+    aplus_search_eps: float | None = 1e-4
+    aplus_search_step: int = 10
+    aplus_search_max: int = 200
+    # Penalty on previously edited keys: weight * (i + 1 if layer_scaled) * K_p diag(lambda) K_p^T, lambda the
+    # conflict weights 1 - max |cos| to the new keys (all 1 when aplus_conflict is off).
+    aplus_prev_weight: float = 1.0
+    aplus_prev_layer_scaled: bool = False
+    aplus_conflict: bool = True
+    # Value smoothing: edits whose residual norm exceeds tau get T + 1 candidate steps (1/2 ... 1 of the residual);
+    # the smallest step with the best efficacy on the batch's own prompts is kept. None: off.
+    aplus_smooth_tau: float | None = None
+    aplus_smooth_steps: int = 10
+    # Collapse guards (workers/guards/). REVIVE filters each update out of the dominant singular subspace of the
+    # pretrained matrix (chosen by energy share of sigma^2, or by rank when revive_rank is set); PRUNE caps the
+    # singular values of the accumulated update W - W0 above max sigma(W0) with a log_alpha restraint.
+    guard: str = "none"
+    revive_energy: float = 0.2
+    revive_rank: int | None = None
+    prune: bool = False
+    prune_alpha: float = 2.718281828459045
+    # A guarded batch whose post-guard efficacy on its own prompts is below this is rejected (collapse_risk).
+    guard_min_efficacy: float = 0.5
     # Second-moment statistics corpus: self-sampled text (texts x tokens) unless a corpus file is given.
     stats_texts: int = 512
     stats_text_tokens: int = 128
@@ -53,6 +79,18 @@ class EditHParams:
             raise ValueError(f"layers must be a non-empty ascending list without repeats, got {self.layers}")
         if not 0.0 < self.nullspace_energy < 1.0:
             raise ValueError("nullspace_energy must be in (0, 1)")
+        if self.guard not in GUARDS:
+            raise ValueError(f"guard must be one of {GUARDS}, got {self.guard!r}")
+        if not 0.0 < self.revive_energy < 1.0:
+            raise ValueError("revive_energy must be in (0, 1)")
+        if self.revive_rank is not None and self.revive_rank < 0:
+            raise ValueError("revive_rank must be >= 0")
+        if self.prune_alpha <= 1.0:
+            raise ValueError("prune_alpha (the log base) must be > 1")
+        if not 0.0 <= self.guard_min_efficacy <= 1.0:
+            raise ValueError("guard_min_efficacy must be in [0, 1]")
+        if self.aplus_search_step < 1 or self.aplus_smooth_steps < 1:
+            raise ValueError("aplus_search_step and aplus_smooth_steps must be >= 1")
 
     def with_overrides(self, **overrides: Any) -> EditHParams:
         known = {f.name for f in fields(self)}
