@@ -132,18 +132,24 @@ def _print_metrics(result: dict[str, Any]) -> None:
 
 @app.command("demo")
 def demo(
-    n_edits: Annotated[int, typer.Option(min=1, max=300)] = 20,
+    n_edits: Annotated[int, typer.Option(min=1, max=300, help="CounterFact edits to stream.")] = 50,
     show: Annotated[int, typer.Option(min=0, help="How many before/after completions to print.")] = 5,
+    workers: Annotated[int, typer.Option(min=1, help="Edit workers (v* is sharded across them).")] = 1,
+    batch_size: Annotated[int, typer.Option(min=1, help="Most edits per weight version.")] = 25,
     model: ModelOpt = None,
     home: HomeOpt = None,
 ) -> None:
-    """Edit real CounterFact facts on the local model and show completions before and after."""
-    from controller.demo import run_demo
+    """Stream real CounterFact edits through Redis, Ray and the edit workers; show before/after and metrics."""
+    from controller.demo import DemoConfig, run_demo
+    from controller.runtime import RedisUnavailableError
 
     if os.environ.get("EDITQ_DEMO_EDITS"):
         n_edits = int(os.environ["EDITQ_DEMO_EDITS"])
-    with stage_progress(console) as progress:
-        run_demo(_settings(home, model), n_edits, show, console, progress)
+    cfg = DemoConfig(n_edits=n_edits, show=show, workers=workers, batch_max_size=batch_size)
+    try:
+        run_demo(_settings(home, model), cfg, console)
+    except RedisUnavailableError as err:
+        _fail(str(err))
 
 
 register_pipeline_commands(app)

@@ -68,10 +68,9 @@ class EditWorkerPool:
     def _spawn(self, index: int, meta: StoreMeta | None) -> ActorHandle:
         config = WorkerConfig(index=index, settings=self.settings.model_dump(mode="json"), meta=meta)
         actor_cls = ray.remote(EditWorker).options(
-            name=f"{self.settings.namespace}-edit-worker-{index}",
-            get_if_exists=True,
             num_cpus=self.settings.worker_num_cpus,
             num_gpus=self.settings.worker_num_gpus,
+            resources=self.settings.worker_resources or None,
             max_restarts=-1,
             max_task_retries=0,
         )

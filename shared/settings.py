@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     n_edit_workers: int = Field(default=1, ge=1, description="Edit-worker actors; one per GPU in production.")
     worker_num_gpus: float = Field(default=0.0, ge=0, description="GPUs per edit worker (0 on CPU machines).")
     worker_num_cpus: float = Field(default=1.0, ge=0, description="CPUs reserved per edit worker.")
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict, description='Custom Ray resources per edit worker, e.g. {"edit": 1} to pin them to a '
+        "KubeRay worker group (JSON in the environment).",
+    )
     worker_call_timeout_s: float = Field(
         default=900.0, gt=0, description="A worker call slower than this counts as failed (hung worker)."
     )
