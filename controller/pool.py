@@ -64,6 +64,7 @@ class EditWorkerPool:
         self.workers: list[ActorHandle] = []
         self.meta: StoreMeta | None = None
         self.timeout = settings.worker_call_timeout_s
+        self.last_infos: list[WorkerInfo] = []  # as of the last sync: status reads never wait for a busy worker
 
     def _spawn(self, index: int, meta: StoreMeta | None) -> ActorHandle:
         config = WorkerConfig(index=index, settings=self.settings.model_dump(mode="json"), meta=meta)
@@ -99,6 +100,11 @@ class EditWorkerPool:
 
     async def sync(self, version: int) -> list[WorkerInfo]:
         """Bring every worker to committed ``version`` and check they agree with its manifest."""
+        infos = await self._sync(version)
+        self.last_infos = infos
+        return infos
+
+    async def _sync(self, version: int) -> list[WorkerInfo]:
         infos = list(await asyncio.gather(*(self._call(w.sync.remote(version)) for w in self.workers)))
         if version == 0:
             expected = infos[0].checksums if infos else {}

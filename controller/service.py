@@ -98,13 +98,13 @@ class Controller:
         self.pool.kill(index)
 
     async def status(self) -> ControllerStatus:
-        workers = await self.pool.infos() if self.pool.workers else []
+        """Counters and the workers as of their last sync (never waits for a busy worker)."""
         return ControllerStatus(
             state=self._state, head=await self.streams.head(), live=await self.streams.live(),
             pending_in_batcher=len(self.batcher), batches_committed=self._counts["batches"],
             edits_applied=self._counts["applied"], edits_failed=self._counts["failed"],
             dead_lettered=self._counts["dead"], started_at=self._started_at, last_error=self._last_error,
-            workers=workers,
+            workers=self.pool.last_infos,
         )
 
     async def _start(self) -> None:
