@@ -4,6 +4,11 @@ A plain class, made a Ray actor by the controller (``ray.remote(EditWorker).opti
 and testable without Ray. With several workers, a batch's v* is sharded across them (``compute_values``) and one
 leader solves the closed-form update (``edit``); the others then follow the committed version from the store
 (``sync``), so every worker holds bit-identical matrices, which ``info().checksums`` lets the controller verify.
+
+After each applied batch the leader measures collapse signals and returns them in ``EditResult.metrics`` (flat
+``shared.metrics.metric_key`` keys, so they land in the version manifest): per edited matrix every version, the
+model-level ones every ``collapse_eval_every`` versions. A batch the collapse guard refuses raises
+``workers.guards.GuardRejection`` (reason ``collapse_risk``, per-edit efficacy attached) with the worker unchanged.
 """
 
 from __future__ import annotations
@@ -14,13 +19,18 @@ import time
 import torch
 
 from shared.jobs import EditJob, EditResult, StoreMeta, ValuesJob, ValuesShard, WorkerConfig, WorkerInfo
+from shared.metrics import metric_key
+from shared.schemas import EditRequest
 from shared.settings import Settings
 from shared.weight_store import BASE_VERSION, LocalWeightStore, lineage
-from workers.editing.editor import Editor
+from workers.editing.editor import BatchResult, Editor
 from workers.editing.hparams import EditHParams
 from workers.editing.stats import SecondMomentCache, StatsCorpus
 from workers.editing.values import ValueResult
+from workers.evaluation.collapse import RetentionSample, load_control_facts, model_health
 from workers.evaluation.runner import resolve_hparams
+from workers.guards import GuardRejection
+from workers.guards.collapse import matrix_health
 from workers.model_io import load_model, model_fingerprint
 
 log = logging.getLogger("editq.worker")
@@ -70,6 +80,10 @@ class EditWorker:
         self.base = {name: w.clone() for name, w in self._matrices().items()}
         self.store = LocalWeightStore(settings.resolved_store_dir())
         self.version = BASE_VERSION
+        # Model-level collapse metrics cost a few forward passes: every N versions (Settings.collapse_eval_every).
+        self.collapse_every = max(1, int(getattr(settings, "collapse_eval_every", 1)))
+        self.control_facts = load_control_facts(model_path.name)
+        self.retention = RetentionSample(capacity=64, seed=hp.seed)
 
     def _matrices(self) -> dict[str, torch.Tensor]:
         layout = self.editor.layout
@@ -111,6 +125,8 @@ class EditWorker:
         for layer in state.weights:
             state.weights[layer] = self.base[layout.weight_name(layer)].clone()
         state.prev_keys_cov.clear()
+        state.prev_keys.clear()
+        self.retention.clear()
         state.edit_ids.clear()
         state.n_batches = 0
         self.editor.reset_weights()
@@ -140,7 +156,11 @@ class EditWorker:
             values = ValueResult.concat(
                 [ValueResult(s.targets, s.deltas, s.nll, s.steps) for s in job.shards]
             )
-        result = self.editor.apply(job.requests, values)
+        try:
+            result = self.editor.apply(job.requests, values)
+        except GuardRejection as err:
+            log.warning("worker %d: batch for version %d rejected (%s): %s", self.index, job.version, err.reason, err)
+            raise
         self.version = job.version
         changed = {d.name for d in result.deltas}
         checksums = {name: sha for name, sha in self.editor.checksums().items() if name in changed}
@@ -148,8 +168,35 @@ class EditWorker:
         for shard in job.shards or []:
             for key, value in shard.seconds.items():
                 seconds[f"shard_{key}"] = max(seconds.get(f"shard_{key}", 0.0), value)
+        metrics_start = time.perf_counter()
+        metrics = self.collapse_metrics(result, job.requests, job.version)
+        seconds["collapse_metrics"] = time.perf_counter() - metrics_start
         seconds["leader_total"] = time.perf_counter() - start
         return EditResult(
             version=job.version, parent=job.parent, edit_ids=result.edit_ids, deltas=result.deltas,
             aux=_keys_aux(result.edited_keys), checksums=checksums, v_nll=result.v_nll, seconds=seconds,
+            metrics=metrics,
         )
+
+    def collapse_metrics(self, result: BatchResult, requests: list[EditRequest], version: int) -> dict[str, float]:
+        """Per-matrix signals every version; model-level ones (perplexity, control facts, retention of earlier
+        edits) every ``collapse_every`` versions. Metric failures are logged, never fail the batch."""
+        out: dict[str, float] = {}
+        try:
+            spectra = self.editor.base_spectra()
+            for layer, weight in self.editor.state.weights.items():
+                health = matrix_health(weight, spectra[layer])
+                out[metric_key("editq_sigma_max", layer=layer)] = health.sigma_max
+                out[metric_key("editq_condition_number", layer=layer)] = health.condition_number
+                out[metric_key("editq_relative_drift_ratio", layer=layer)] = health.relative_drift
+                out[metric_key("editq_subspace_overlap_ratio", layer=layer)] = health.subspace_overlap
+            for layer, share in result.filtered_energy.items():
+                out[metric_key("editq_filtered_energy_ratio", layer=layer)] = share
+            if result.guard_efficacy is not None:
+                out["guard_batch_efficacy"] = result.guard_efficacy
+            if version % self.collapse_every == 0:
+                out |= model_health(self.model, self.tokenizer, self.control_facts, self.retention)
+        except Exception as err:  # a metric must never cost an applied batch
+            log.warning("worker %d: collapse metrics failed at version %d: %s", self.index, version, err)
+        self.retention.add(requests)  # after measuring: the sample holds only earlier edits
+        return out

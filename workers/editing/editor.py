@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -31,7 +32,7 @@ from workers.editing.stats import Progress, SecondMomentCache
 from workers.editing.templates import generate_context_templates
 from workers.editing.values import ValueResult, compute_target_values
 from workers.guards.policy import SpectralGuard, check_batch, edit_success
-from workers.guards.revive import load_spectrum
+from workers.guards.revive import Spectrum, load_spectrum, spectrum_cached
 
 
 @dataclass
@@ -47,6 +48,24 @@ class BatchResult:
     filtered_energy: dict[int, float] = field(default_factory=dict)  # REVIVE: share of each update removed
     guard_efficacy: float | None = None  # share of the batch's edits that take after the guard
     diagnostics: dict[str, float] = field(default_factory=dict)  # algorithm details, e.g. AlphaEdit+ choices
+
+
+@dataclass
+class _Solved:
+    ids: list[str]
+    deltas: list[MatrixDelta] = field(default_factory=list)
+    keys_after: dict[int, torch.Tensor] = field(default_factory=dict)
+    filtered_energy: dict[int, float] = field(default_factory=dict)
+    efficacy: float | None = None
+    diagnostics: dict[str, float] = field(default_factory=dict)
+
+
+def plus_settings(hp: EditHParams) -> PlusSettings:
+    return PlusSettings(
+        search_eps=hp.aplus_search_eps, search_step=hp.aplus_search_step, search_max=hp.aplus_search_max,
+        prev_weight=hp.aplus_prev_weight, prev_layer_scaled=hp.aplus_prev_layer_scaled, conflict=hp.aplus_conflict,
+        smooth_tau=hp.aplus_smooth_tau, smooth_steps=hp.aplus_smooth_steps,
+    )
 
 
 class Editor:
@@ -97,6 +116,7 @@ class Editor:
         self._mom2: dict[int, torch.Tensor] | None = None
         self._null: dict[int, NullSpace] = {}
         self.guard: SpectralGuard | None = None
+        self._spectra: dict[int, Spectrum] = {}
 
     @property
     def hparams(self) -> EditHParams:
@@ -131,18 +151,34 @@ class Editor:
             self.guard = self._build_guard()
 
     def _build_guard(self) -> SpectralGuard:
-        cache = self.stats.dir.parent / "spectra"
-        base = dict(self._base)
+        return SpectralGuard(self.hparams, self.base_weights(), self.base_spectra(), self.device)
+
+    def base_weights(self) -> dict[int, torch.Tensor]:
+        """Pretrained matrices (float32, CPU): kept from construction, else rebuilt from the spectrum cache."""
         for layer in self.hparams.layers:
-            if layer not in base:  # resumed from a saved state on an edited model: W0 from its cached spectrum
-                spectrum = load_spectrum(cache, self.state.base_sha256[layer])
+            if layer not in self._base:  # resumed from a saved state on an edited model
+                spectrum = load_spectrum(self._spectra_dir, self.state.base_sha256[layer])
                 if spectrum is None:
                     raise RuntimeError(
-                        f"the guard needs the pretrained matrix of layer {layer}: load the editor on the base "
-                        f"model, or keep its spectrum cache in {cache}"
+                        f"the pretrained matrix of layer {layer} is unknown: load the editor on the base model, "
+                        f"or keep its spectrum cache in {self._spectra_dir}"
                     )
-                base[layer] = spectrum.weight().float()
-        return SpectralGuard.build(self.hparams, base, self.state.base_sha256, cache, self.device)
+                self._base[layer] = spectrum.weight().float()
+        return self._base
+
+    def base_spectra(self) -> dict[int, Spectrum]:
+        """SVD of each pretrained matrix, cached on disk by checksum (guards and collapse metrics share it)."""
+        if not self._spectra:
+            base = self.base_weights()
+            self._spectra = {
+                layer: spectrum_cached(base[layer], self._spectra_dir, self.state.base_sha256.get(layer))
+                for layer in self.hparams.layers
+            }
+        return self._spectra
+
+    @property
+    def _spectra_dir(self) -> Path:
+        return self.stats.dir.parent / "spectra"
 
     def null_space(self, layer: int) -> NullSpace:
         self.prepare()
@@ -204,60 +240,109 @@ class Editor:
         if values.targets.shape[0] != len(requests):
             raise ValueError(f"{values.targets.shape[0]} targets for {len(requests)} edits")
         try:
-            deltas, keys_after = self._solve_layers(requests, values.targets.to(self.device), seconds)
+            solved = self._solve_layers(requests, values.targets.to(self.device), seconds)
         except BaseException:
             self.reset_weights()
             raise
-        for delta, layer in zip(deltas, self.hparams.layers, strict=True):
+        for delta, layer in zip(solved.deltas, self.hparams.layers, strict=True):
             self.state.weights[layer] = delta.apply(self.state.weights[layer])
-        self.accumulate_keys(keys_after)
-        ids = [r.edit_id or r.content_key() for r in requests]
-        self.state.edit_ids.extend(ids)
+        self.accumulate_keys(solved.keys_after)
+        self.state.edit_ids.extend(solved.ids)
         self.state.n_batches += 1
         return BatchResult(
-            ids, list(self.hparams.layers), deltas, keys_after, values.targets, values.nll.tolist(), values.steps,
-            seconds,
+            solved.ids, list(self.hparams.layers), solved.deltas, solved.keys_after, values.targets,
+            values.nll.tolist(), values.steps, seconds, solved.filtered_energy, solved.efficacy, solved.diagnostics,
         )
 
     def _solve_layers(
         self, requests: Sequence[EditRequest], targets: torch.Tensor, seconds: dict[str, float]
-    ) -> tuple[list[MatrixDelta], dict[int, torch.Tensor]]:
-        """Bottom to top: keys on the partially edited model, residual spread over the remaining layers, solve.
+    ) -> _Solved:
+        """Bottom to top: keys on the partially edited model, residual spread over the remaining layers, solve,
+        guard. Raises ``GuardRejection`` (model partly written: the caller restores it) when the guard refuses.
 
         Each layer's update is written in the shared delta format and applied exactly as every replica and a
         rebuild from the store will apply it, so the live matrices equal the stored ones bit for bit.
         """
         hp, layout, model = self.hparams, self.layout, self.model
         dtype = getattr(torch, hp.solve_dtype)
-        deltas: list[MatrixDelta] = []
+        out = _Solved(ids=[r.edit_id or r.content_key() for r in requests])
         for i, layer in enumerate(hp.layers):
             keys, cur = self._timed(seconds, "keys", lambda layer=layer: self._read(requests, [layer], hp.layers[-1]))
-            residual = (targets - cur).T / (len(hp.layers) - i)  # (d_out, n)
-            k = keys[layer].T  # (d_in, n)
+            gap = targets - cur  # (n, d_out): v1 - v0 at the last edited layer
+            residual = gap.T / (len(hp.layers) - i)  # (d_out, n)
             start = time.perf_counter()
-            prev = self.state.prev_keys_cov.get(layer)
-            prev = prev.to(self.device, dtype) if prev is not None else None
-            if hp.algo == "memit":
-                left, right = memit_update(residual, k, self._mom2[layer], hp.mom2_update_weight, prev, dtype)
-            else:
-                left, right = alphaedit_update(residual, k, self._null[layer].projector, hp.l2, prev, dtype)
-            delta = MatrixDelta.from_factors(
-                layout.weight_name(layer), left, right, transposed=layout.is_transposed(model, layer)
-            )
+            left, right = self._update(requests, layer, i, residual, keys[layer].T, gap.norm(dim=1), out, dtype)
+            delta = self._guarded(layer, left, right, out)
             layout.set_weight(model, layer, delta.apply(self.state.weights[layer]))
             seconds["solve"] = seconds.get("solve", 0.0) + time.perf_counter() - start
-            deltas.append(delta)
+            out.deltas.append(delta)
+        if self.guard is not None:
+            scores = self._timed(seconds, "guard", lambda: edit_success(model, self.tokenizer, requests))
+            out.efficacy = float(scores.mean())
+            check_batch(scores, hp, out.ids, out.filtered_energy)
         keys_after, _ = self._timed(seconds, "keys", lambda: self._read(requests, hp.layers, None))
-        return deltas, {layer: keys_after[layer].T.float().cpu().contiguous() for layer in hp.layers}
+        out.keys_after = {layer: keys_after[layer].T.float().cpu().contiguous() for layer in hp.layers}
+        return out
+
+    def _update(
+        self, requests: Sequence[EditRequest], layer: int, index: int, residual: torch.Tensor, keys: torch.Tensor,
+        gap_norms: torch.Tensor, out: _Solved, dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The algorithm's (left, right) factors for one layer: Delta = left @ right^T."""
+        hp = self.hparams
+        prev = self.state.prev_keys_cov.get(layer)
+        prev = prev.to(self.device, dtype) if prev is not None else None
+        if hp.algo == "memit":
+            return memit_update(residual, keys, self._mom2[layer], hp.mom2_update_weight, prev, dtype)
+        null = self._null[layer]
+        if hp.algo == "alphaedit":
+            return alphaedit_update(residual, keys, null.projector, hp.l2, prev, dtype)
+        left, right, info = alphaedit_plus_update(
+            residual, keys, null.projector, hp.l2, plus_settings(hp), index,
+            prev_keys=self.state.prev_keys.get(layer), prev_keys_cov=prev, candidates=null.preserved,
+            residual_norms=gap_norms, score=lambda lt, rt: self._score(requests, layer, lt, rt), dtype=dtype,
+        )
+        out.diagnostics[f"aplus_added_directions.{layer}"] = float(info.added_directions)
+        out.diagnostics[f"aplus_smoothed_edits.{layer}"] = float(info.smoothed_edits)
+        out.diagnostics[f"aplus_chosen_step.{layer}"] = info.chosen_step
+        out.diagnostics[f"aplus_residual_norm_median.{layer}"] = info.residual_norm_median
+        out.diagnostics[f"aplus_objective_gain.{layer}"] = info.objective_gain
+        return left, right
+
+    def _guarded(self, layer: int, left: torch.Tensor, right: torch.Tensor, out: _Solved | None = None) -> MatrixDelta:
+        """The stored delta for update ``left @ right^T``, after the guard when one is configured."""
+        name, transposed = self.layout.weight_name(layer), self.layout.is_transposed(self.model, layer)
+        if self.guard is None:
+            return MatrixDelta.from_factors(name, left, right, transposed=transposed)
+        guarded = self.guard.apply(layer, left, right, self.state.weights[layer], name, transposed)
+        if out is not None:
+            out.filtered_energy[layer] = guarded.filtered_energy
+            out.diagnostics[f"pruned.{layer}"] = float(guarded.pruned)
+        return guarded.delta
+
+    def _score(self, requests: Sequence[EditRequest], layer: int, left: torch.Tensor, right: torch.Tensor) -> float:
+        """Batch efficacy with a candidate update written (guarded) into ``layer``; the layer is restored after."""
+        candidate = self._guarded(layer, left, right)
+        self.layout.set_weight(self.model, layer, candidate.apply(self.state.weights[layer]))
+        try:
+            return float(edit_success(self.model, self.tokenizer, requests).mean())
+        finally:
+            self.layout.set_weight(self.model, layer, self.state.weights[layer])
 
     def accumulate_keys(self, edited_keys: dict[int, torch.Tensor]) -> None:
-        """Add K K^T of applied edits to C_prev, on the CPU in float64, identically on every worker."""
+        """Add K K^T of applied edits to C_prev, on the CPU in float64, identically on every worker (AlphaEdit+ with
+        conflict weights also keeps the keys themselves)."""
         dtype = getattr(torch, self.hparams.solve_dtype)
+        keep_raw = self.hparams.algo == "alphaedit_plus" and self.hparams.aplus_conflict
         for layer, keys in edited_keys.items():
             k = keys.to("cpu", dtype)
             cov = k @ k.T
             prev = self.state.prev_keys_cov.get(layer)
             self.state.prev_keys_cov[layer] = cov if prev is None else prev + cov
+            if keep_raw:
+                raw = keys.detach().to("cpu", torch.float32)
+                old = self.state.prev_keys.get(layer)
+                self.state.prev_keys[layer] = raw.clone() if old is None else torch.cat([old, raw], dim=1)
 
     def reset_weights(self) -> None:
         """Write the state's matrices back into the model (undo a partially applied batch)."""

@@ -28,6 +28,7 @@ class EditorState:
     base_sha256: dict[int, str]
     weights: dict[int, torch.Tensor]  # current (d_out, d_in) matrix per edited layer
     prev_keys_cov: dict[int, torch.Tensor] = field(default_factory=dict)  # sum of K K^T of applied edits
+    prev_keys: dict[int, torch.Tensor] = field(default_factory=dict)  # (d_in, M) keys themselves (AlphaEdit+ only)
     edit_ids: list[str] = field(default_factory=list)
     n_batches: int = 0
 
@@ -37,6 +38,7 @@ class EditorState:
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"weight.{layer}": w.detach().cpu().contiguous() for layer, w in self.weights.items()}
         tensors |= {f"prev_keys_cov.{layer}": c.detach().cpu().contiguous() for layer, c in self.prev_keys_cov.items()}
+        tensors |= {f"prev_keys.{layer}": k.detach().cpu().contiguous() for layer, k in self.prev_keys.items()}
         meta = {
             "format_version": FORMAT_VERSION,
             "hparams": self.hparams.to_dict(),
@@ -57,17 +59,18 @@ class EditorState:
             meta = json.loads(f.metadata()["editq_state"])
             if meta.get("format_version") != FORMAT_VERSION:
                 raise ValueError(f"{path}: unsupported state format {meta.get('format_version')}")
-            weights, covs = {}, {}
+            parts: dict[str, dict[int, torch.Tensor]] = {"weight": {}, "prev_keys_cov": {}, "prev_keys": {}}
             for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
                 kind, layer = key.rsplit(".", 1)
-                (weights if kind == "weight" else covs)[int(layer)] = f.get_tensor(key)
+                parts[kind][int(layer)] = f.get_tensor(key)
         return cls(
             hparams=EditHParams.from_dict(meta["hparams"]),
             model_fingerprint=meta["model_fingerprint"],
             templates=list(meta["templates"]),
             base_sha256={int(k): v for k, v in meta["base_sha256"].items()},
-            weights=weights,
-            prev_keys_cov=covs,
+            weights=parts["weight"],
+            prev_keys_cov=parts["prev_keys_cov"],
+            prev_keys=parts["prev_keys"],
             edit_ids=list(meta["edit_ids"]),
             n_batches=int(meta["n_batches"]),
         )
