@@ -26,6 +26,7 @@ from shared.outcomes import EditOutcome, EditState, ReasonCode
 from shared.settings import Settings
 from shared.streams import EditStreams, Finished, StreamEntry
 from shared.weight_store import LocalWeightStore, build_manifest
+from workers.guards import GuardRejection
 
 log = logging.getLogger("editq.controller")
 CONSUMER = "controller"
@@ -47,6 +48,11 @@ class ControllerStatus(BaseModel):
     started_at: datetime
     last_error: str | None = None
     workers: list[WorkerInfo] = []
+
+
+def _retryable(err: BaseException) -> bool:
+    """Transient failures are retried; OOM (same size fails again), guard verdicts and a moved head are not."""
+    return not (is_out_of_memory(err) or isinstance(err, GuardRejection | StaleHeadError))
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -206,7 +212,7 @@ class Controller:
             async for attempt in AsyncRetrying(
                 stop=stop_after_attempt(s.batch_retries + 1),
                 wait=wait_exponential(multiplier=s.retry_backoff_s, max=30),
-                retry=retry_if_exception(lambda e: not is_out_of_memory(e) and not isinstance(e, StaleHeadError)),
+                retry=retry_if_exception(_retryable),
                 reraise=True,
             ):
                 with attempt:
@@ -214,6 +220,9 @@ class Controller:
             return
         except StaleHeadError:
             raise
+        except GuardRejection as rejection:  # a verdict on the whole batch: neither retried nor split
+            await self._reject(entries, rejection)
+            return
         except Exception as err:
             error = err
             self._last_error = f"{type(err).__name__}: {err}"[:500]
@@ -226,6 +235,20 @@ class Controller:
             await self._apply(entries[mid:])
             return
         await self._fail(entries[0], error)
+
+    async def _reject(self, entries: list[StreamEntry], rejection: GuardRejection) -> None:
+        """The collapse guard would weaken this batch so much that it fails: reject it instead of applying it."""
+        efficacy = dict(zip(rejection.edit_ids, rejection.per_edit_efficacy, strict=False))
+        finished = []
+        for e in entries:
+            reason = (f"collapse guard: after filtering the update out of the protected spectral subspace the batch's "
+                      f"efficacy is below {rejection.min_efficacy:.2f} (this edit: {efficacy.get(e.edit_id, 0.0):.2f})")
+            outcome = EditOutcome(edit_id=e.edit_id, state=EditState.rejected, reason_code=ReasonCode.collapse_risk,
+                                  reason=reason, stream_id=e.stream_id)
+            finished.append(Finished(outcome, e.stream_id))
+        recorded = await self.streams.finish(finished)
+        self.metrics.inc("editq_outcomes", recorded, state=EditState.rejected.value)
+        log.warning("guard rejected a batch of %d edits (collapse_risk)", len(entries))
 
     async def _fail(self, entry: StreamEntry, error: BaseException | None) -> None:
         code = ReasonCode.out_of_memory if error and is_out_of_memory(error) else ReasonCode.worker_error

@@ -68,6 +68,8 @@ SPECS: dict[str, MetricSpec] = {
                    "Mean cos^2 of principal angles between current and base top-k singular subspaces.", ("layer",)),
         MetricSpec("editq_filtered_energy_ratio", Kind.gauge,
                    "Share of the last update's energy removed by the REVIVE guard.", ("layer",)),
+        MetricSpec("editq_guard_batch_efficacy_ratio", Kind.gauge,
+                   "Efficacy of the last batch on its own prompts after the guard filtered it."),
         MetricSpec("editq_canary_perplexity", Kind.gauge, "Perplexity on the fixed canary text set."),
         MetricSpec("editq_control_fact_accuracy_ratio", Kind.gauge, "Accuracy on control facts the base model knows."),
         MetricSpec("editq_edit_retention_ratio", Kind.gauge, "Efficacy on a rolling sample of earlier edits."),

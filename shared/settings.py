@@ -71,6 +71,11 @@ class Settings(BaseSettings):
         default=900.0, gt=0, description="A worker call slower than this counts as failed (hung worker)."
     )
 
+    collapse_eval_every: int = Field(
+        default=1, ge=1, description="Compute the model-level collapse metrics (canary perplexity, control facts, "
+        "retention) every N versions; the per-matrix spectral metrics are computed for every version.",
+    )
+
     # --- versioned weight store -------------------------------------------------------------------------------
     store_dir: Path | None = Field(
         default=None, description="Directory of the versioned weight store; defaults to home/versions/<namespace>."

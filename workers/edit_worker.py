@@ -81,7 +81,7 @@ class EditWorker:
         self.store = LocalWeightStore(settings.resolved_store_dir())
         self.version = BASE_VERSION
         # Model-level collapse metrics cost a few forward passes: every N versions (Settings.collapse_eval_every).
-        self.collapse_every = max(1, int(getattr(settings, "collapse_eval_every", 1)))
+        self.collapse_every = settings.collapse_eval_every
         self.control_facts = load_control_facts(model_path.name)
         self.retention = RetentionSample(capacity=64, seed=hp.seed)
 
@@ -193,7 +193,7 @@ class EditWorker:
             for layer, share in result.filtered_energy.items():
                 out[metric_key("editq_filtered_energy_ratio", layer=layer)] = share
             if result.guard_efficacy is not None:
-                out["guard_batch_efficacy"] = result.guard_efficacy
+                out[metric_key("editq_guard_batch_efficacy_ratio")] = result.guard_efficacy
             if version % self.collapse_every == 0:
                 out |= model_health(self.model, self.tokenizer, self.control_facts, self.retention)
         except Exception as err:  # a metric must never cost an applied batch
