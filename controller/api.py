@@ -89,6 +89,20 @@ class StateCollector:
             yield from families.values()
 
 
+def _mount_serving(app: FastAPI, settings: Settings) -> None:
+    """OpenAI-compatible queries over the serving replicas (found by name on the Ray cluster, so the API may start
+    before them and survives their restarts)."""
+    import ray
+
+    from controller.openai_api import build_openai_router
+    from controller.router import Router, replica_clients
+
+    if not ray.is_initialized():
+        ray.init(address="auto", namespace="editq", log_to_driver=False)
+    router = Router(replica_clients(settings), settings)
+    app.include_router(build_openai_router(lambda: router, settings.served_model_name(), lambda: app.state.streams))
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = PrometheusMetrics()
@@ -160,6 +174,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "delta_bytes": sum(m.delta_bytes for m in manifest.matrices),
             })
         return VersionsView(head=await streams.head(), live=await streams.live(), versions=rows)
+
+    if settings.serving_replicas > 0:
+        _mount_serving(app, settings)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from controller.pipeline_cli import register as register_pipeline_commands
 from controller.progress import stage_progress
+from controller.query_cli import query
 from shared.settings import Settings
 
 app = typer.Typer(help="editq: keep a served LLM's facts correct while it serves.", no_args_is_help=True)
@@ -82,7 +83,7 @@ def evaluate(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics here.")] = None,
     limit: Annotated[int, typer.Option(min=1, help="Edit the first N records.")] = 200,
     batch_size: Annotated[int, typer.Option(min=1, help="Edits per sequential batch.")] = 50,
-    algo: Annotated[str, typer.Option(help="memit or alphaedit.")] = "alphaedit",
+    algo: Annotated[str, typer.Option(help="memit, alphaedit or alphaedit_plus.")] = "alphaedit",
     stats_corpus: Annotated[
         Path | None, typer.Option(help="Text for the key statistics (.txt or .jsonl); default: self-sampled.")
     ] = None,
@@ -136,6 +137,7 @@ def demo(
     show: Annotated[int, typer.Option(min=0, help="How many before/after completions to print.")] = 5,
     workers: Annotated[int, typer.Option(min=1, help="Edit workers (v* is sharded across them).")] = 1,
     batch_size: Annotated[int, typer.Option(min=1, help="Most edits per weight version.")] = 25,
+    replicas: Annotated[int, typer.Option(min=0, help="vLLM serving replicas (0: no serving tier).")] = 2,
     model: ModelOpt = None,
     home: HomeOpt = None,
 ) -> None:
@@ -145,7 +147,7 @@ def demo(
 
     if os.environ.get("EDITQ_DEMO_EDITS"):
         n_edits = int(os.environ["EDITQ_DEMO_EDITS"])
-    cfg = DemoConfig(n_edits=n_edits, show=show, workers=workers, batch_max_size=batch_size)
+    cfg = DemoConfig(n_edits=n_edits, show=show, workers=workers, batch_max_size=batch_size, replicas=replicas)
     try:
         run_demo(_settings(home, model), cfg, console)
     except RedisUnavailableError as err:
@@ -153,6 +155,7 @@ def demo(
 
 
 register_pipeline_commands(app)
+app.command("query")(query)
 
 if __name__ == "__main__":
     app()

@@ -1,24 +1,30 @@
-"""``make demo``: the streaming pipeline end to end on this machine, with embedded defaults.
+"""``make demo``: the whole system end to end on this machine, with embedded defaults.
 
 Starts what it needs (Redis: ``EDITQ_REDIS_URL``, else a running local server, else a private one; a local Ray
-cluster; the controller and its edit workers), streams real CounterFact corrections into the edit stream in bursts
-as an upstream system would, shows progress while versions are committed, then loads the newest committed version
-from the weight store (base + deltas, checksum-verified) and prints before/after completions and edit metrics.
+cluster; the controller, its edit workers, vLLM serving replicas and the HTTP API), asks the served model about
+facts through the OpenAI-compatible endpoint, streams real CounterFact corrections into the edit stream in bursts as
+an upstream system would, shows progress while versions are committed and rolled out canary-first, asks the
+replicas again (read-your-writes on the final version), and prints edit metrics computed on the newest version
+rebuilt from the weight store (base + deltas, checksum-verified).
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from dataclasses import dataclass
 
+import httpx
 import ray
 import torch
+import uvicorn
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from controller.runtime import ensure_redis, init_ray, start_controller, stop_controller
+from controller.api import create_app
+from controller.runtime import _free_port, ensure_redis, init_ray, start_controller, stop_controller
 from shared.outcomes import EditState
 from shared.schemas import EditRequest
 from shared.settings import Settings
@@ -40,7 +46,39 @@ class DemoConfig:
     burst_interval_s: float = 1.0
     batch_max_size: int = 25
     workers: int = 1
+    replicas: int = 2  # vLLM serving replicas (0: no serving tier, the demo then reads the store only)
     timeout_s: float = 3600.0
+
+
+class DemoAPI:
+    """The HTTP API (edits, OpenAI-compatible queries) served from a background thread for the demo's duration."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.url = f"http://127.0.0.1:{settings.api_port}"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=settings.api_port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started and self.thread.is_alive():
+            time.sleep(0.05)
+
+    def ask(self, prompts: list[str], min_version: int | None = None, timeout_s: float = 600) -> list[tuple[str, int]]:
+        """Greedy completions through ``/v1/completions``, with the weight version that produced each."""
+        body = {"prompt": prompts, "max_tokens": 8, "temperature": 0, "min_version": min_version}
+        deadline = time.monotonic() + timeout_s
+        while True:
+            response = httpx.post(f"{self.url}/v1/completions", json=body, timeout=300)
+            if response.status_code != 503 or time.monotonic() > deadline:
+                break
+            time.sleep(2)  # replicas still starting (or rolling out): the API answers 503 until one is ready
+        response.raise_for_status()
+        payload = response.json()
+        versions = payload["editq"]["versions"]  # one per prompt, in order
+        return [(c["text"].strip(), v) for c, v in zip(payload["choices"], versions, strict=True)]
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
 
 
 @torch.no_grad()
@@ -101,7 +139,8 @@ def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> None:
     redis = ensure_redis(settings)
     settings = settings.model_copy(update={
         "redis_url": redis.url, "namespace": DEMO_NAMESPACE, "batch_max_size": cfg.batch_max_size,
-        "n_edit_workers": cfg.workers, "batch_max_wait_s": 2.0,
+        "n_edit_workers": cfg.workers, "batch_max_wait_s": 2.0, "serving_replicas": cfg.replicas,
+        "serving_replica_num_cpus": 0.5, "worker_num_cpus": 1.0, "api_port": _free_port(),
     })
     console.print(f"redis {redis.url}{' (private, started for the demo)' if redis.process else ''}; "
                   f"weight store {settings.resolved_store_dir()}")
@@ -110,20 +149,29 @@ def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> None:
     model_path = settings.resolved_model_path()
     model, tokenizer = load_model(model_path, device="cpu")
     shown = requests[: cfg.show]
-    before = [greedy(model, tokenizer, r.text) for r in shown]
     pre = edit_metrics(model, tokenizer, requests, zsre=False)
 
     init_ray()
-    console.print(f"starting the controller and {cfg.workers} edit worker(s) on a local Ray cluster "
-                  "(the first run computes the model's key statistics once, a few minutes on 2 cores)")
+    console.print(f"starting the controller, {cfg.workers} edit worker(s) and {cfg.replicas} vLLM replica(s) on a "
+                  "local Ray cluster (the first run computes the model's key statistics once, a few minutes on 2 "
+                  "cores; each vLLM engine takes about a minute to start)")
     actor, run_ref = start_controller(settings)
-    start = time.perf_counter()
+    api = DemoAPI(settings) if cfg.replicas else None
     try:
+        if api is not None:
+            console.print(f"asking the served model through {api.url}/v1/completions ...")
+            before = api.ask([r.text for r in shown])
+        else:
+            before = [(greedy(model, tokenizer, r.text), 0) for r in shown]
+        start = time.perf_counter()
         states = asyncio.run(_stream_and_follow(settings, requests, cfg, console))
+        seconds = time.perf_counter() - start
         status = ray.get(actor.status.remote())
+        after = api.ask([r.text for r in shown], min_version=status.live) if api is not None else None
     finally:
+        if api is not None:
+            api.close()
         stop_controller(actor, run_ref)
-    seconds = time.perf_counter() - start
 
     store = LocalWeightStore(settings.resolved_store_dir())
     layout = ModelLayout.from_model(model)
@@ -133,16 +181,19 @@ def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> None:
     matrices = rebuild(store, base, head)  # every matrix checked against its manifest's sha256
     for i in layers:
         layout.set_weight(model, i, matrices[layout.weight_name(i)])
-    after = [greedy(model, tokenizer, r.text) for r in shown]
+    if after is None:
+        after = [(greedy(model, tokenizer, r.text), head) for r in shown]
     post = edit_metrics(model, tokenizer, requests, zsre=False)
 
-    table = Table(title=f"{len(requests)} streamed CounterFact edits -> {head} weight versions ({seconds:.0f} s)")
-    for col in ("prompt", "new target", "before", f"after (v{head})"):
+    source = "served by vLLM replicas via /v1/completions" if api is not None else "from the weight store"
+    table = Table(title=f"{len(requests)} streamed CounterFact edits -> weight version {head} ({seconds:.0f} s); "
+                        f"answers {source}")
+    for col in ("prompt", "new target", "before", "after"):
         table.add_column(col, overflow="fold")
-    for r, b, a in zip(shown, before, after, strict=True):
-        table.add_row(r.text, r.target_new, b, a)
+    for r, (b, bv), (a, av) in zip(shown, before, after, strict=True):
+        table.add_row(r.text, r.target_new, f"{b} [dim](v{bv})[/]", f"{a} [dim](v{av})[/]")
     console.print(table)
-    metrics = Table(title="edit metrics (share of prompts)")
+    metrics = Table(title=f"edit metrics on version {head}, rebuilt from the store (share of prompts)")
     for col in ("metric", "before", "after"):
         metrics.add_column(col)
     for key in ("efficacy", "generalization", "specificity"):

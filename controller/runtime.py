@@ -115,10 +115,13 @@ def start_controller(settings: Settings):
     return actor, actor.run.remote()
 
 
-def stop_controller(actor, run_ref, timeout_s: float = 60.0):
-    """Ask the loop to stop, wait for its final status, then remove the actor and its workers."""
+def stop_controller(actor, run_ref, timeout_s: float = 60.0, stop_serving: bool = True):
+    """Ask the loop to stop, wait for its final status, then remove the actor and its edit workers; with
+    ``stop_serving`` also the serving replicas (they are detached so they survive controller restarts)."""
     ray.get(actor.stop.remote(), timeout=timeout_s)
     try:
         return ray.get(run_ref, timeout=timeout_s)
     finally:
+        if stop_serving:
+            ray.get(actor.stop_serving.remote(), timeout=timeout_s + 60)
         ray.kill(actor, no_restart=True)

@@ -9,6 +9,7 @@ head pointer and the XACKs together), guarded by the head it was computed on, so
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 from controller.batching import Batcher
 from controller.janitor import dead_letter_if_poison, sweep
 from controller.pool import EditWorkerPool
+from controller.publish import Publisher
 from shared.jobs import WorkerInfo
 from shared.metrics import MemoryMetrics, Metrics, RayMetrics
 from shared.outcomes import EditOutcome, EditState, ReasonCode
@@ -70,6 +72,8 @@ class Controller:
         self.pool = EditWorkerPool(s, self.store)
         self.batcher = Batcher(s.batch_max_size, s.batch_max_wait_s)
         self.metrics = metrics or (RayMetrics() if _in_ray() else MemoryMetrics())
+        self.publisher = Publisher(self.streams, self.pool, self.store, self.metrics)
+        self._last_resume = 0.0
         self._stop = False
         self._state = "starting"
         self._started_at = datetime.now(UTC)
@@ -92,12 +96,19 @@ class Controller:
                 log.error("%s: stopping", err)
                 self._state = "stale"
                 break
-        if self._state == "running":
+        if self._state in ("running", "waiting for replicas"):
             self._state = "stopped"
         return await self.status()
 
     async def stop(self) -> None:
         self._stop = True
+
+    async def stop_serving(self) -> None:
+        """Shut the (detached) serving replicas down; they otherwise outlive the controller on purpose."""
+        if self.publisher.rollout is not None:
+            from controller.router import stop_replicas
+
+            await stop_replicas(self.publisher.rollout.clients)
 
     async def kill_worker(self, index: int) -> None:
         """Kill one edit worker (fault drills and tests); Ray restarts it and the next batch re-syncs it."""
@@ -114,11 +125,18 @@ class Controller:
         )
 
     async def _start(self) -> None:
+        s = self.settings
         await self.streams.ensure_group()
         await self.pool.start()
         head = await self.streams.head()
         await self.pool.sync(head)
-        if await self.streams.live() != head:  # no serving tier yet: the committed head is what is live
+        if s.serving_replicas > 0:
+            from controller.rollout import RolloutManager
+            from controller.router import spawn_replicas
+
+            # Detached and named: replicas keep serving across controller restarts; these find them again.
+            self.publisher.rollout = RolloutManager(spawn_replicas(s), s, self.streams, self.metrics)
+        elif await self.streams.live() != head:  # no serving tier: the committed head is what is live
             await self.streams.set_live(head)
         pending = await self.streams.read(CONSUMER, count=100_000, block_ms=None, own_pending=True)
         if pending:
@@ -139,6 +157,9 @@ class Controller:
     # ---- the loop ---------------------------------------------------------------------------------------------
     async def _step(self) -> None:
         s = self.settings
+        if self.publisher.rollout is not None and await self._rollout_waiting():
+            return
+        self._state = "running"
         due = self.batcher.seconds_until_due()
         if len(self.batcher) < 2 * s.batch_max_size and due != 0.0:
             block_s = 1.0 if due is None else min(1.0, due)
@@ -150,9 +171,28 @@ class Controller:
         if time.monotonic() - self._last_sweep > s.janitor_interval_s:
             self._last_sweep = time.monotonic()
             await self._sweep()
+            if self.publisher.rollout is not None:
+                await self.publisher.rollout.reconcile()
             depth = await self.streams.queue_depth()
             self.metrics.set("editq_queue_lag_entries", depth["lag"])
             self.metrics.set("editq_queue_pending_entries", depth["pending"])
+
+    async def _rollout_waiting(self) -> bool:
+        """True while a committed version still waits for its rollout (then no new batch starts)."""
+        if await self.streams.head() <= await self.streams.live():
+            return False
+        if time.monotonic() - self._last_resume > 2.0:
+            self._last_resume = time.monotonic()
+            try:
+                outcome = await self.publisher.resume()
+            except Exception as err:
+                log.warning("rollout resume failed: %s", err)
+                outcome = "pending"
+            if outcome in ("live", "rolled_back"):
+                return False
+        self._state = "waiting for replicas"
+        await asyncio.sleep(0.5)
+        return True
 
     async def _sweep(self) -> None:
         def held(sid: str) -> bool:
@@ -278,9 +318,9 @@ class Controller:
             metrics={**result.metrics, **{f"seconds_{k}": v for k, v in result.seconds.items()}},
         )
         self.store.put(manifest, result.deltas, result.aux)
+        state = self.publisher.commit_state
         finished = [
-            Finished(EditOutcome(edit_id=e.edit_id, state=EditState.applied, version=version, stream_id=e.stream_id),
-                     e.stream_id)
+            Finished(EditOutcome(edit_id=e.edit_id, state=state, version=version, stream_id=e.stream_id), e.stream_id)
             for e in entries
         ]
         fields = {
@@ -292,7 +332,8 @@ class Controller:
             raise StaleHeadError(f"head moved from {head} while version {version} was computed")
         self._counts["batches"] += 1
         self._counts["applied"] += recorded
-        self.metrics.inc("editq_outcomes", recorded, state=EditState.applied.value)
+        if state == EditState.applied:
+            self.metrics.inc("editq_outcomes", recorded, state=state.value)
         self.metrics.observe("editq_batch_duration_seconds", compute_s, stage="compute")
         self.metrics.observe("editq_delta_bytes", sum(d.nbytes for d in result.deltas))
         self.metrics.set("editq_weight_version", version)
@@ -300,16 +341,10 @@ class Controller:
         for e in entries:
             self.metrics.observe("editq_edit_latency_seconds", (now - e.request.created_at).total_seconds())
         log.info("committed version %d with %d edits in %.1f s", version, len(entries), compute_s)
-        await self._after_commit(version)
-
-    async def _after_commit(self, version: int) -> None:
-        """Publish the version and move followers to it; failures here never undo the commit."""
-        try:
-            await self.streams.set_live(version)
-            self.metrics.set("editq_live_version", version)
-            await self.pool.sync(version)
+        try:  # failures after the commit never undo it: a pending rollout is resumed by the loop
+            await self.publisher.publish(version, requests)
         except Exception as err:
-            log.warning("followers not yet at version %d: %s", version, err)
+            log.exception("publishing version %d failed: %s", version, err)
 
     async def _resync(self, head: int) -> None:
         try:

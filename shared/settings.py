@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     hparams_path: Path | None = Field(
         default=None, description="JSON file overriding the editor hyperparameters chosen for the model."
     )
-    algo: str = Field(default="alphaedit", description="Editing algorithm of the pipeline: memit or alphaedit.")
+    algo: str = Field(default="alphaedit", description="Editing algorithm of the pipeline: memit, alphaedit or alphaedit_plus.")
 
     # --- queue (Redis Streams) --------------------------------------------------------------------------------
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Redis holding streams and state.")
@@ -81,6 +81,81 @@ class Settings(BaseSettings):
         default=None, description="Directory of the versioned weight store; defaults to home/versions/<namespace>."
     )
 
+    # --- serving: replicas and their vLLM engines---------------------------------------------------------------
+    serving_replicas: int = Field(
+        default=0, ge=0, description="vLLM replica actors; 0 = no serving tier (a committed version is live at once)."
+    )
+    serving_dtype: str = Field(default="bfloat16", description="vLLM dtype of the served weights.")
+    serving_max_model_len: int = Field(default=512, ge=16, description="vLLM max_model_len (KV cache per request).")
+    serving_gpu_memory_utilization: float = Field(
+        default=0.3, gt=0, le=1, description="vLLM gpu_memory_utilization; on CPU the share of RAM it may claim "
+        "(the default 0.92 fails on shared machines)."
+    )
+    serving_enforce_eager: bool = Field(
+        default=True, description="No CUDA graphs / torch.compile: fast start, and no captured weights on CPU."
+    )
+    serving_enable_prefix_caching: bool = Field(default=True, description="vLLM prefix caching (reset after swaps).")
+    serving_cpu_kvcache_gib: int = Field(
+        default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE for CPU engines (GiB of KV cache per replica)."
+    )
+    serving_cpu_threads_bind: str = Field(
+        default="auto", description="VLLM_CPU_OMP_THREADS_BIND for CPU engines ('auto', 'nobind', or core ids)."
+    )
+    serving_replica_num_cpus: float = Field(default=1.0, ge=0, description="Ray CPUs reserved per replica actor.")
+    serving_replica_num_gpus: float = Field(default=0.0, ge=0, description="Ray GPUs per replica (1 on GPU nodes).")
+    serving_startup_timeout_s: float = Field(
+        default=600.0, gt=0, description="How long a replica may take to start its engine and catch up."
+    )
+    serving_work_dir: Path | None = Field(
+        default=None, description="Where replicas write the materialised matrices of a swap (a folder per replica, "
+        "cleared at start); default: the system temp dir."
+    )
+    serving_model_name: str | None = Field(
+        default=None, description="Model id the OpenAI-compatible API reports; default: the model directory name."
+    )
+
+    # --- hot swap -------------------------------------------------------------------------------------------
+    serving_pause_timeout_s: float = Field(
+        default=30.0, gt=0, description="Longest wait for in-flight requests to finish before a swap; then the "
+        "swap aborts them (the router retries aborted requests elsewhere)."
+    )
+    serving_swap_timeout_s: float = Field(default=300.0, gt=0, description="Longest a rollout waits for one swap.")
+    serving_verify_rtol: float = Field(
+        default=0.02, gt=0, description="Largest relative error of a live matrix's output against the loaded matrix "
+        "(bf16 rounding is ~0.003)."
+    )
+
+    # --- rollout gates --------------------------------------------------------------------------------------
+    serving_max_unavailable: int = Field(
+        default=1, ge=1, description="Replicas swapped at once after the canary (a swapping replica takes no traffic)."
+    )
+    serving_probe_max_tokens: int = Field(default=12, ge=1, description="Greedy tokens generated per probe prompt.")
+    serving_probe_min_pass: float = Field(
+        default=0.8, ge=0, le=1, description="Share of a version's edit probes that must answer target_new (greedy "
+        "contains, or log-prob margin over target_true)."
+    )
+    serving_control_facts_path: Path | None = Field(
+        default=None, description="JSON {'facts': [{'prompt', 'answer'}]} of facts the model must keep; default: "
+        "workers/evaluation/control_facts.json, else a built-in list."
+    )
+    serving_control_facts_n: int = Field(default=8, ge=0, description="Control facts checked per canary gate.")
+    serving_canary_soak_s: float = Field(
+        default=0.0, ge=0, description="Seconds the canary serves live traffic before its error rate is judged."
+    )
+    serving_max_error_rate: float = Field(
+        default=0.0, ge=0, le=1, description="Largest share of failed requests on the canary since its swap."
+    )
+
+    # --- routing --------------------------------------------------------------------------------------------
+    serving_status_ttl_s: float = Field(default=0.5, gt=0, description="Router's cache lifetime of replica states.")
+    serving_min_version_wait_s: float = Field(
+        default=10.0, ge=0, description="How long a request with min_version waits for a replica at that version."
+    )
+    serving_request_retries: int = Field(
+        default=2, ge=0, description="Re-routes of a request whose replica died, was swapping, or aborted it."
+    )
+    serving_request_timeout_s: float = Field(default=120.0, gt=0, description="Longest one generate call may take.")
+
     # --- HTTP API ---------------------------------------------------------------------------------------------
     api_host: str = "127.0.0.1"
     api_port: int = 8000
@@ -101,6 +176,10 @@ class Settings(BaseSettings):
 
     def resolved_store_dir(self) -> Path:
         return self.store_dir or self.home / "versions" / self.namespace
+
+    def served_model_name(self) -> str:
+        """Model id the OpenAI-compatible API reports."""
+        return self.serving_model_name or self.resolved_model_path().name
 
 
 @lru_cache(maxsize=1)

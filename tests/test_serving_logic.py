@@ -1,0 +1,333 @@
+"""Rollout gates, rollback, routing and the OpenAI-compatible API against in-process fake replicas (no Ray, no
+vLLM): the decision logic in seconds. The real engines are exercised in test_serving.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from controller.openai_api import build_openai_router
+from controller.rollout import RolloutManager
+from controller.router import NoReplicaError, Router
+from workers.serving.config import ServingSettings
+from workers.serving.schemas import (
+    ControlFact,
+    EditProbe,
+    GenerateRequest,
+    GenerateResult,
+    ReplicaState,
+    ReplicaStatus,
+    ReplicaUnavailableError,
+    RequestAbortedError,
+    ScoreRequest,
+    ScoreResult,
+    StreamChunk,
+    SwapReport,
+)
+
+FACTS = [ControlFact(prompt="The capital of France is", answer="Paris"),
+         ControlFact(prompt="The capital of Spain is", answer="Madrid")]
+PROBE = EditProbe(prompt="BBC One, by", target_new="Sega", target_true="BBC", subject="BBC One")
+GOOD, BAD, NO_TAKE = 1, 2, 3  # versions: the edit takes / controls collapse / the edit does not take
+
+
+def answer(version: int, prompt: str) -> str:
+    if version == BAD:
+        return " may may may"
+    if prompt == PROBE.prompt:
+        return " Sega, a company" if version == GOOD else " the BBC"
+    return " Paris." if "France" in prompt else " Madrid."
+
+
+class FakeReplica:
+    def __init__(self, name: str, version: int = 0, log: list | None = None) -> None:
+        self.name, self.version, self.state = name, version, ReplicaState.ready
+        self.log = log if log is not None else []
+        self.fail_swap_to: set[int] = set()
+        self.die_on_swap = False
+        self.served = self.failed = self.attempts = 0
+
+    async def status(self) -> ReplicaStatus:
+        return ReplicaStatus(name=self.name, state=self.state, version=self.version, incarnation="x",
+                             served=self.served, failed=self.failed)
+
+    def _admit(self, internal: bool) -> None:
+        if not (self.state == ReplicaState.ready or (internal and self.state == ReplicaState.canary)):
+            raise ReplicaUnavailableError(f"{self.name} is {self.state}")
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        self.attempts += 1
+        self._admit(request.internal)
+        self.served += 1
+        self.log.append(("generate", self.name, self.state.value, request.internal))
+        text = answer(self.version, request.prompt or "")
+        return GenerateResult(text=text, token_ids=[1], finish_reason="length", prompt_tokens=3, completion_tokens=1,
+                              version=self.version, replica=self.name, engine_versions=[str(self.version)])
+
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
+        self._admit(request.internal)
+        for piece in answer(self.version, request.prompt or "Q").split(" ")[1:]:
+            yield StreamChunk(text=" " + piece, version=self.version, replica=self.name)
+        yield StreamChunk(text="", finish_reason="stop", version=self.version, replica=self.name)
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        self._admit(True)
+        return ScoreResult(mean_logprobs=[-5.0, -1.0], version=self.version, replica=self.name)
+
+    async def apply_version(self, version: int, hold: bool = False, pause_timeout_s: float | None = None) -> SwapReport:
+        self.log.append(("swap", self.name, version, hold))
+        if self.die_on_swap:
+            self.state = ReplicaState.starting
+            raise ConnectionError("actor died")
+        if version in self.fail_swap_to:
+            return SwapReport(replica=self.name, from_version=self.version, to_version=version, ok=False,
+                              error="checksum mismatch")
+        self.state = ReplicaState.swapping
+        await asyncio.sleep(0.01)
+        previous, self.version = self.version, version
+        self.state = ReplicaState.canary if hold else ReplicaState.ready
+        self.log.append(("swapped", self.name))
+        return SwapReport(replica=self.name, from_version=previous, to_version=version, ok=True, checksums_ok=True)
+
+    async def release(self) -> ReplicaStatus:
+        self.state = ReplicaState.ready
+        return await self.status()
+
+    async def restart(self) -> None:
+        self.log.append(("restart", self.name))
+        self.state = ReplicaState.starting
+
+
+def fleet(n: int = 2, **settings) -> tuple[list[FakeReplica], RolloutManager, list]:
+    log: list = []
+    replicas = [FakeReplica(f"r{i}", log=log) for i in range(n)]
+    manager = RolloutManager(replicas, ServingSettings(**settings), control_facts=FACTS)
+    return replicas, manager, log
+
+
+def test_good_version_goes_to_a_held_canary_then_to_the_rest() -> None:
+    replicas, manager, log = fleet(3)
+    result = asyncio.run(manager.deploy(GOOD, [PROBE]))
+    assert result.status == "live", result.reason
+    assert [r.version for r in replicas] == [GOOD] * 3
+    assert all(r.state == ReplicaState.ready for r in replicas)
+    swaps = [e for e in log if e[0] == "swap"]
+    assert swaps == [("swap", "r0", GOOD, True), ("swap", "r1", GOOD, False), ("swap", "r2", GOOD, False)]
+    probes_on_canary = [e for e in log if e[0] == "generate" and e[1] == "r0" and e[2] == "canary"]
+    assert probes_on_canary and all(internal for *_, internal in probes_on_canary)
+    assert {g.gate for g in result.gates} >= {"swap", "probes", "controls", "error_rate"}
+    assert all(g.ok for g in result.gates)
+
+
+@pytest.mark.parametrize(("version", "gate"), [(BAD, "probes"), (NO_TAKE, "probes")])
+def test_failed_canary_gate_rolls_back_and_leaves_the_rest_untouched(version: int, gate: str) -> None:
+    replicas, manager, log = fleet(2)
+    result = asyncio.run(manager.deploy(version, [PROBE]))
+    assert result.status == "rolled_back"
+    assert result.reason.startswith(f"{gate} gate failed on r0")
+    assert [r.version for r in replicas] == [0, 0]
+    assert all(r.state == ReplicaState.ready for r in replicas)
+    assert [e for e in log if e[0] == "swap"] == [("swap", "r0", version, True), ("swap", "r0", 0, False)]
+
+
+def test_lost_control_fact_fails_the_gate_even_without_probes() -> None:
+    replicas, manager, _ = fleet(2)
+    result = asyncio.run(manager.deploy(BAD, []))
+    assert result.status == "rolled_back" and result.reason.startswith("controls gate failed")
+    assert "The capital of France is" in result.reason
+    assert [r.version for r in replicas] == [0, 0]
+
+
+def test_control_facts_about_an_edited_subject_are_not_judged() -> None:
+    _, manager, _ = fleet(1)
+    probe = PROBE.model_copy(update={"subject": "France"})
+    assert [f.answer for f in manager._facts([probe])] == ["Madrid"]
+
+
+def test_a_later_swap_failure_rolls_back_every_updated_replica_in_reverse() -> None:
+    replicas, manager, log = fleet(3)
+    replicas[2].fail_swap_to = {GOOD}
+    result = asyncio.run(manager.deploy(GOOD, [PROBE]))
+    assert result.status == "rolled_back" and "r2" in result.reason
+    assert [r.version for r in replicas] == [0, 0, 0]
+    rollbacks = [e for e in log if e[0] == "swap" and e[2] == 0]
+    assert [e[1] for e in rollbacks] == ["r2", "r1", "r0"]
+
+
+def test_a_replica_dying_after_the_canary_does_not_undo_a_good_version() -> None:
+    replicas, manager, _ = fleet(3)
+    replicas[1].die_on_swap = True
+    result = asyncio.run(manager.deploy(GOOD, [PROBE]))
+    assert result.status == "live", result.reason
+    assert replicas[0].version == replicas[2].version == GOOD
+    dead = next(o for o in result.replicas if o.replica == "r1")
+    assert dead.final_version is None and "died" in next(g.detail for g in result.gates if g.replica == "r1")
+
+
+def test_canary_dying_rolls_back() -> None:
+    replicas, manager, _ = fleet(2)
+    replicas[0].die_on_swap = True
+    result = asyncio.run(manager.deploy(GOOD, [PROBE]))
+    assert result.status == "rolled_back" and "r0" in result.reason
+    assert replicas[1].version == 0
+
+
+def test_no_ready_replica_skips() -> None:
+    replicas, manager, _ = fleet(2)
+    for r in replicas:
+        r.state = ReplicaState.starting
+    result = asyncio.run(manager.deploy(GOOD, [PROBE]))
+    assert result.status == "skipped" and [r.version for r in replicas] == [0, 0]
+
+
+def test_max_unavailable_swaps_in_waves() -> None:
+    replicas, manager, log = fleet(5, serving_max_unavailable=2)
+    assert asyncio.run(manager.deploy(GOOD, [PROBE])).status == "live"
+    assert [r.version for r in replicas] == [GOOD] * 5
+    events = [(e[0], e[1]) for e in log if e[0] in ("swap", "swapped")]
+    assert events[:2] == [("swap", "r0"), ("swapped", "r0")]  # the canary alone
+    assert {e for e in events[2:4]} == {("swap", "r1"), ("swap", "r2")}  # then two at a time, never three
+    assert {e for e in events[4:6]} == {("swapped", "r1"), ("swapped", "r2")}
+    assert {e for e in events[6:8]} == {("swap", "r3"), ("swap", "r4")}
+
+
+def test_reconcile_moves_stragglers_to_live_and_restarts_failed() -> None:
+    replicas, manager, log = fleet(3)
+    replicas[0].version, replicas[1].state = GOOD, ReplicaState.failed
+    manager.streams = None
+    replicas[2].version = GOOD  # majority at GOOD = live without Redis
+    asyncio.run(manager.reconcile())
+    assert ("restart", "r1") in log and replicas[1].state == ReplicaState.starting
+
+
+# ---- router ---------------------------------------------------------------------------------------------------
+def router(replicas: list[FakeReplica], **settings) -> Router:
+    values = {"serving_status_ttl_s": 0.01, "serving_min_version_wait_s": 0.3, **settings}
+    return Router(replicas, ServingSettings(**values))
+
+
+def test_router_never_picks_a_swapping_or_canary_replica() -> None:
+    replicas = [FakeReplica("a"), FakeReplica("b"), FakeReplica("c")]
+    replicas[0].state, replicas[1].state = ReplicaState.swapping, ReplicaState.canary
+    r = router(replicas)
+    results = asyncio.run(_many(r, GenerateRequest(prompt="x", max_tokens=1), 6))
+    assert {res.replica for res in results} == {"c"}
+    assert replicas[0].attempts == replicas[1].attempts == 0  # not even tried (the replica's own gate not needed)
+
+
+def test_router_honours_min_version_and_says_why_when_none_has_it() -> None:
+    replicas = [FakeReplica("a", version=1), FakeReplica("b", version=2)]
+    r = router(replicas)
+    results = asyncio.run(_many(r, GenerateRequest(prompt="x", max_tokens=1, min_version=2), 4))
+    assert {res.replica for res in results} == {"b"}
+    with pytest.raises(NoReplicaError, match=r"version >= 3.*a=ready@1, b=ready@2"):
+        asyncio.run(r.generate(GenerateRequest(prompt="x", max_tokens=1, min_version=3)))
+
+
+def test_router_reroutes_a_request_refused_by_a_replica_that_started_swapping() -> None:
+    replicas = [FakeReplica("a"), FakeReplica("b")]
+    r = router(replicas, serving_status_ttl_s=60)
+    asyncio.run(r.refresh(force=True))
+    replicas[0].state = ReplicaState.swapping  # the router's table is stale: both look ready
+    results = asyncio.run(_many(r, GenerateRequest(prompt="x", max_tokens=1), 4))
+    assert {res.replica for res in results} == {"b"}
+
+
+def test_router_retries_a_request_a_swap_aborted_elsewhere() -> None:
+    replicas = [FakeReplica("a"), FakeReplica("b")]
+    calls = []
+
+    async def aborted(request: GenerateRequest) -> GenerateResult:
+        calls.append("a")
+        raise RequestAbortedError("aborted during a swap")
+
+    replicas[0].generate = aborted
+    r = router(replicas)
+    results = asyncio.run(_many(r, GenerateRequest(prompt="x", max_tokens=1), 3))
+    assert {res.replica for res in results} == {"b"} and calls  # "a" was tried, nothing failed
+
+
+async def _many(r: Router, request: GenerateRequest, n: int) -> list[GenerateResult]:
+    return [await r.generate(request) for _ in range(n)]
+
+
+# ---- OpenAI-compatible API ------------------------------------------------------------------------------------
+@pytest.fixture
+def api() -> TestClient:
+    replicas = [FakeReplica("a", version=GOOD), FakeReplica("b", version=0)]
+    app = FastAPI()
+    app.include_router(build_openai_router(lambda: router(replicas), "smol"))
+    return TestClient(app)
+
+
+def test_completion_reports_its_weight_version(api: TestClient) -> None:
+    body = {"model": "smol", "prompt": PROBE.prompt, "max_tokens": 4, "temperature": 0}
+    response = api.post("/v1/completions", json=body, headers={"X-Editq-Min-Version": "1"})
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert data["object"] == "text_completion" and data["choices"][0]["text"] == " Sega, a company"
+    assert data["editq"]["version"] == GOOD and response.headers["X-Editq-Version"] == str(GOOD)
+    assert data["usage"]["total_tokens"] == 4
+
+
+def test_min_version_nobody_has_is_a_clear_503(api: TestClient) -> None:
+    response = api.post("/v1/completions", json={"prompt": "x", "min_version": 7})
+    assert response.status_code == 503 and "version >= 7" in response.json()["error"]["message"]
+
+
+def test_unknown_model_is_404(api: TestClient) -> None:
+    assert api.post("/v1/completions", json={"model": "gpt-4", "prompt": "x"}).status_code == 404
+
+
+def test_chat_streaming_is_server_sent_events(api: TestClient) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": True, "min_version": 1}
+    with api.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200 and response.headers["X-Editq-Version"] == str(GOOD)
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert {c["editq"]["version"] for c in chunks} == {GOOD}
+
+
+def test_versions_lists_every_replica(api: TestClient) -> None:
+    data = api.get("/v1/versions").json()
+    assert {(r["name"], r["version"], r["state"]) for r in data["replicas"]} == {("a", 1, "ready"), ("b", 0, "ready")}
+
+
+# ---- editq query ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra", [[], ["--stream"], ["--chat"], ["--chat", "--stream"]])
+def test_query_cli_prints_the_answer_and_its_version(api: TestClient, monkeypatch, extra: list[str]) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from controller import query_cli
+
+    monkeypatch.setattr(query_cli.httpx, "Client", lambda **_: api)
+    cli = typer.Typer()
+    cli.command("query")(query_cli.query)
+    cli.command("noop")(lambda: None)  # a group, as in editq's CLI
+    result = CliRunner().invoke(cli, ["query", PROBE.prompt, "--min-version", "1", "--url", "http://t", *extra])
+    assert result.exit_code == 0, result.output
+    assert ("Madrid" if "--chat" in extra else "Sega") in result.output
+    assert f"weight version {GOOD}" in result.output
+
+
+def test_query_cli_explains_an_unavailable_version(api: TestClient, monkeypatch) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from controller import query_cli
+
+    monkeypatch.setattr(query_cli.httpx, "Client", lambda **_: api)
+    cli = typer.Typer()
+    cli.command("query")(query_cli.query)
+    cli.command("noop")(lambda: None)
+    result = CliRunner().invoke(cli, ["query", "x", "--min-version", "9", "--url", "http://t"])
+    assert result.exit_code == 1 and "version >= 9" in result.output

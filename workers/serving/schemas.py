@@ -1,0 +1,166 @@
+"""Payloads of the Ray calls to a replica and of its answers (pydantic: the controller, the router and the HTTP
+API may run other builds than the replica, and should fail loudly instead of misreading each other)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ReplicaState(StrEnum):
+    starting = "starting"  # engine loading, or catching up to the live version: takes no traffic
+    ready = "ready"
+    swapping = "swapping"  # draining / reloading weights: takes no traffic
+    canary = "canary"  # swapped and held out of traffic while a rollout probes it (only internal requests)
+    failed = "failed"  # weights in an unknown state or engine dead: restart it (it rejoins at the live version)
+
+
+class ReplicaConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    settings: dict = Field(description="A dump of ServingSettings.")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str
+
+
+class GenerateRequest(BaseModel):
+    """One completion: a plain prompt, or chat messages rendered with the model's chat template."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    max_tokens: int = Field(default=16, ge=1)
+    temperature: float = Field(default=1.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+    ignore_eos: bool = False
+    min_version: int | None = Field(default=None, ge=0)
+    request_id: str | None = None
+    internal: bool = Field(default=False, description="A rollout probe: admitted while the replica is a held canary.")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+
+class GenerateResult(BaseModel):
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    version: int = Field(description="Weight version that produced every token of this response.")
+    replica: str
+    engine_versions: list[str] = Field(
+        default_factory=list, description="vLLM's own weight-version spans over the output tokens (one expected)."
+    )
+
+
+class StreamChunk(BaseModel):
+    """One piece of a streamed completion; the first chunk already carries the version (fixed at admission)."""
+
+    text: str
+    finish_reason: str | None = None
+    version: int
+    replica: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class ScoreRequest(BaseModel):
+    """Mean log-probability of each candidate continuation (`` candidate``) after ``prompt``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    candidates: list[str] = Field(min_length=1)
+
+
+class ScoreResult(BaseModel):
+    mean_logprobs: list[float]
+    version: int
+    replica: str
+
+
+class SwapReport(BaseModel):
+    """What one swap did and how long generation was paused; ``ok`` False means the replica is back on
+    ``from_version`` (or ``failed`` when even that could not be restored)."""
+
+    replica: str
+    from_version: int | None
+    to_version: int
+    ok: bool
+    noop: bool = False
+    drain: Literal["wait", "abort", "none"] = "none"
+    pause_s: float = 0.0
+    materialise_s: float = 0.0
+    reload_s: float = 0.0
+    total_s: float = 0.0
+    matrices: int = 0
+    bytes_loaded: int = 0
+    checksums_ok: bool = False
+    max_probe_error: float | None = None
+    min_probe_separation: float | None = None
+    error: str | None = None
+
+
+class ReplicaStatus(BaseModel):
+    name: str
+    state: ReplicaState
+    version: int | None
+    incarnation: str = Field(description="Changes when the actor restarts.")
+    started_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    in_flight: int = 0
+    served: int = 0
+    failed: int = 0
+    mixed_versions: int = Field(default=0, description="Responses whose tokens came from two versions (never >0).")
+    swaps: int = 0
+    last_swap: SwapReport | None = None
+    error: str | None = None
+
+    @property
+    def serving(self) -> bool:
+        return self.state == ReplicaState.ready
+
+
+class EditProbe(BaseModel):
+    """A prompt that must answer ``target_new`` after the version that holds its edit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    target_new: str
+    target_true: str | None = None
+    subject: str | None = Field(default=None, description="Control facts about this subject are not judged.")
+
+
+class ControlFact(BaseModel):
+    """A fact the model knows and every version must keep."""
+
+    prompt: str
+    answer: str
+
+
+class ReplicaUnavailableError(RuntimeError):
+    """The replica takes no traffic now (starting, swapping, failed): route the request elsewhere."""
+
+
+class RequestAbortedError(RuntimeError):
+    """A swap had to abort this in-flight request (drain timeout): it produced nothing usable; retry it."""
+
+
+class MixedVersionError(RuntimeError):
+    """vLLM reports tokens of one response from two weight versions: a bug, never served."""
