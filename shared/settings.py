@@ -34,7 +34,9 @@ class Settings(BaseSettings):
     hparams_path: Path | None = Field(
         default=None, description="JSON file overriding the editor hyperparameters chosen for the model."
     )
-    algo: str = Field(default="alphaedit", description="Editing algorithm of the pipeline: memit, alphaedit or alphaedit_plus.")
+    algo: str = Field(
+        default="alphaedit", description="Editing algorithm of the pipeline: memit, alphaedit or alphaedit_plus."
+    )
 
     # --- queue (Redis Streams) --------------------------------------------------------------------------------
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Redis holding streams and state.")

@@ -25,8 +25,8 @@ class StubRollout:
     async def deploy(self, version, probes=()):
         self.deployed.append((version, len(probes)))
         status = self.statuses.pop(0)
-        return RolloutResult(version=version, previous=version - 1, status=status,
-                             reason="probe gate failed on r0: 0/2 edits answer target_new" if status != "live" else None)
+        reason = "probe gate failed on r0: 0/2 edits answer target_new" if status != "live" else None
+        return RolloutResult(version=version, previous=version - 1, status=status, reason=reason)
 
 
 class StubPool:
@@ -92,7 +92,7 @@ def test_a_skipped_rollout_waits_and_resumes(redis_url, tmp_path, later) -> None
         '{"version": 1, "parent": 0, "base_model": "m", "edit_ids": ["p0", "p1"], "algo": "memit", "matrices": []}'
     )
     rollout = StubRollout("skipped", later)
-    results, states, outcomes, head, _ = _run(
+    results, states, outcomes, _, _ = _run(
         redis_url, tmp_path, rollout, [lambda p: p.publish(1, REQUESTS), lambda p: p.resume()]
     )
     assert results == ["pending", later]
