@@ -54,3 +54,35 @@ def test_unknown_hyperparameter(tmp_path) -> None:
     result = _eval("--data", str(data), "--set", "warp_factor=9", "--home", str(tmp_path / "home"))
     assert result.exit_code == 2
     assert "warp_factor" in result.output
+
+
+def test_submit_queues_valid_records_and_rejects_bad_ones_by_field(tmp_path, redis_url, monkeypatch) -> None:
+    """`editq submit` names the record and field of each bad edit, queues the rest, exits 1; `status` follows."""
+    import uuid
+
+    from redis import Redis
+
+    namespace = f"test-{uuid.uuid4().hex[:10]}"
+    monkeypatch.setenv("EDITQ_REDIS_URL", redis_url)
+    monkeypatch.setenv("EDITQ_NAMESPACE", namespace)
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text("\n".join(json.dumps(r) for r in [
+        {"edit_id": "ok-1", "subject": "Acme", "prompt": "The CEO of {} is", "target_new": "Jane Doe"},
+        {"edit_id": "bad-1", "subject": "Acme", "prompt": "The CEO of Globex is", "target_new": "Jane"},
+        {"edit_id": "bad-2", "subject": "Acme", "prompt": "The CEO of {} is"},
+    ]) + "\n")
+    try:
+        result = runner.invoke(app, ["submit", str(edits)])
+        assert result.exit_code == 1, result.output
+        assert "record 1" in result.output and "subject" in result.output
+        assert "record 2" in result.output and "target_new" in result.output
+        assert "queued ok-1" in result.output and "1 queued, 0 duplicate, 2 rejected" in result.output
+        again = runner.invoke(app, ["submit", str(edits), "--limit", "1"])
+        assert "duplicate ok-1" in again.output
+        status = runner.invoke(app, ["status", "ok-1"])
+        assert status.exit_code == 0 and "queued" in status.output
+        assert runner.invoke(app, ["status", "bad-1"]).exit_code == 1
+    finally:
+        client = Redis.from_url(redis_url)
+        for key in client.scan_iter(match="{" + namespace + "}:*"):
+            client.delete(key)
