@@ -57,6 +57,12 @@ def _retryable(err: BaseException) -> bool:
     return not (is_out_of_memory(err) or isinstance(err, GuardRejection | StaleHeadError))
 
 
+def describe(err: BaseException) -> str:
+    """The root cause in one line (Ray wraps a worker's exception with its traceback; people need the cause)."""
+    cause = getattr(err, "cause", None) or err
+    return f"{type(cause).__name__}: {cause}".splitlines()[0][:500]
+
+
 def is_out_of_memory(err: BaseException) -> bool:
     """OOM anywhere in the chain (Ray wraps worker exceptions): retrying the same size is pointless, split."""
     text = f"{type(err).__name__}: {err}".lower()
@@ -265,7 +271,7 @@ class Controller:
             return
         except Exception as err:
             error = err
-            self._last_error = f"{type(err).__name__}: {err}"[:500]
+            self._last_error = describe(err)
             reason = "out_of_memory" if is_out_of_memory(err) else "worker_error"
             self.metrics.inc("editq_batch_failures", reason=reason)
             log.warning("batch of %d failed (%s)", len(entries), self._last_error)
@@ -292,7 +298,8 @@ class Controller:
 
     async def _fail(self, entry: StreamEntry, error: BaseException | None) -> None:
         code = ReasonCode.out_of_memory if error and is_out_of_memory(error) else ReasonCode.worker_error
-        reason = f"could not be applied alone after {self.settings.batch_retries + 1} attempts: {self._last_error}"
+        tries = "" if code == ReasonCode.out_of_memory else f" after {self.settings.batch_retries + 1} attempts"
+        reason = f"could not be applied alone{tries}: {describe(error) if error else self._last_error}"
         outcome = EditOutcome(
             edit_id=entry.edit_id, state=EditState.failed, reason_code=code, reason=reason, stream_id=entry.stream_id
         )

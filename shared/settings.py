@@ -69,6 +69,10 @@ class Settings(BaseSettings):
         default_factory=dict, description='Custom Ray resources per edit worker, e.g. {"edit": 1} to pin them to a '
         "KubeRay worker group (JSON in the environment).",
     )
+    worker_max_batch_tokens: int | None = Field(
+        default=None, ge=1, description="Most tokens one worker's v* optimisation may hold (its activation memory); "
+        "a larger batch fails as out of memory before it starts and is split. None: no limit.",
+    )
     worker_call_timeout_s: float = Field(
         default=900.0, gt=0, description="A worker call slower than this counts as failed (hung worker)."
     )

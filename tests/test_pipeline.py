@@ -166,3 +166,24 @@ def test_poison_entries_go_to_dead_letters_and_the_pipeline_keeps_flowing(
     assert {e: states[e] for e in ("e0", "e1", "e2")} == {"e0": "failed", "e1": "failed", "e2": "applied"}
     assert dead["e1"]["reason_code"] == "max_deliveries" and "3 deliveries" in dead["e1"]["reason"]
     assert probe.redis.xpending(f"{tag}:edits", "controller")["pending"] == 0
+
+
+def test_out_of_memory_batch_is_split_to_isolate_the_edit_that_cannot_fit(
+    ray_session, redis_url, tiny_model_dir, tmp_path, probe_factory
+) -> None:
+    # A worker memory budget of 150 v* tokens: normal edits need ~25 each, the long one ~300 even alone.
+    settings = pipeline_settings(tmp_path, tiny_model_dir, redis_url, worker_max_batch_tokens=150, batch_retries=2)
+    probe = probe_factory(settings)
+    requests = tiny_requests(4)
+    long_prompt = "the city of " * 40 + "{} is located in"
+    requests[2] = requests[2].model_copy(update={"prompt": long_prompt, "edit_id": "too-long"})
+    _submit(settings, requests)
+    actor, run_ref = start_controller(settings)
+    try:
+        states = probe.wait_terminal([r.edit_id for r in requests])
+    finally:
+        stop_controller(actor, run_ref)
+    assert states == {"e0": "applied", "e1": "applied", "too-long": "failed", "e3": "applied"}
+    failed = next(o for o in probe.outcomes() if o.edit_id == "too-long")
+    assert failed.reason_code == "out_of_memory" and "EDITQ_WORKER_MAX_BATCH_TOKENS" in failed.reason
+    _assert_exactly_once(probe, [r.edit_id for r in requests])

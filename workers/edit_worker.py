@@ -36,6 +36,12 @@ from workers.model_io import load_model, model_fingerprint
 log = logging.getLogger("editq.worker")
 
 
+class EditMemoryError(MemoryError):
+    """A batch needs more v* activation memory than this worker's budget: it fails as out of memory *before* it
+    starts, so the controller splits it (and an edit too large alone goes to the retrieval tier) instead of a GPU
+    running out of memory mid-batch."""
+
+
 class VersionMismatchError(RuntimeError):
     """The worker is not at the version a job was computed for."""
 
@@ -82,6 +88,7 @@ class EditWorker:
         self.version = BASE_VERSION
         # Model-level collapse metrics cost a few forward passes: every N versions (Settings.collapse_eval_every).
         self.collapse_every = settings.collapse_eval_every
+        self.max_batch_tokens = settings.worker_max_batch_tokens
         self.control_facts = load_control_facts(model_path.name)
         self.retention = RetentionSample(capacity=64, seed=hp.seed)
 
@@ -136,9 +143,20 @@ class EditWorker:
         if self.version != version:
             raise VersionMismatchError(f"worker {self.index} is at version {self.version}, job needs {version}")
 
+    def _check_budget(self, requests) -> None:
+        if self.max_batch_tokens is None:
+            return
+        tokens = self.editor.value_tokens(requests)
+        if tokens > self.max_batch_tokens:
+            raise EditMemoryError(
+                f"out of memory: {len(requests)} edit(s) need {tokens} tokens of v* activations, above this worker's "
+                f"budget of {self.max_batch_tokens} (EDITQ_WORKER_MAX_BATCH_TOKENS)"
+            )
+
     def compute_values(self, job: ValuesJob) -> ValuesShard:
         """v* of one shard of a batch (the expensive, embarrassingly parallel part)."""
         self._require_version(job.version)
+        self._check_budget(job.requests)
         self.editor.prepare()
         seconds: dict[str, float] = {}
         values = self.editor.compute_values(job.requests, seconds)
@@ -150,6 +168,8 @@ class EditWorker:
         """Solve and apply one batch on top of ``job.parent``; the worker is then at ``job.version`` (uncommitted:
         the controller syncs it back to the parent if the commit does not happen)."""
         self._require_version(job.parent)
+        if not job.shards:
+            self._check_budget(job.requests)
         start = time.perf_counter()
         values = None
         if job.shards:

@@ -203,6 +203,11 @@ class Editor:
             self.tokenizer.pad_token_id, self.hparams.v_max_batch_tokens,
         )
 
+    def value_tokens(self, requests: Sequence[EditRequest]) -> int:
+        """Tokens the v* optimisation of ``requests`` forwards and back-propagates each step (its memory driver)."""
+        tok, templates = self.tokenizer, self.state.templates
+        return sum(len(r.ids) for r in (*rewrite_rows(tok, requests, templates), *kl_rows(tok, requests)))
+
     def compute_values(
         self, requests: Sequence[EditRequest], seconds: dict[str, float] | None = None
     ) -> ValueResult:
