@@ -38,8 +38,13 @@ demo: setup
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# CPU benchmarks (minutes each; run on a quiet machine). The sequential-collapse benchmark wants a GPU, see
+# benchmarks/README.md.
 bench: setup
-	$(PY) benchmarks/edit_compute.py --out benchmarks/results/edit_compute_cpu.json
+	$(PY) benchmarks/edit_compute.py --out benchmarks/results/edit_compute_cpu_smollm2.json
+	$(PY) benchmarks/pipeline.py --edits 40 --windows 0.5,2 --workers 1,2 --out benchmarks/results/pipeline_cpu.json
+	$(PY) benchmarks/swap.py --out benchmarks/results/swap_cpu.json
+	$(PY) benchmarks/retrieval.py --out benchmarks/results/retrieval_cpu.json
 
 clean-venv:
 	rm -rf $(VENV)
