@@ -14,11 +14,13 @@ from rich.table import Table
 from controller.pipeline_cli import register as register_pipeline_commands
 from controller.progress import stage_progress
 from controller.query_cli import query
+from controller.retrieval_cli import retrieval_app
 from shared.settings import Settings
 
 app = typer.Typer(help="editq: keep a served LLM's facts correct while it serves.", no_args_is_help=True)
 models_app = typer.Typer(help="Offline model and encoder assets.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.add_typer(retrieval_app, name="retrieval")
 console = Console()
 err_console = Console(stderr=True)
 

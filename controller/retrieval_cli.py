@@ -39,6 +39,13 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def _show(val: dict[str, Any]) -> None:
     table = Table(title="held-out val (edits held only in the tier)")
     table.add_column("N edits", justify="right")
@@ -63,7 +70,8 @@ def train_cmd(
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 300,
     edit_batch: Annotated[int, typer.Option(help="Edits per step through the LLM.")] = 8,
     contrastive_batch: Annotated[int, typer.Option(help="Records per step for the contrastive terms.")] = 256,
-    lr: Annotated[float, typer.Option(help="Adam learning rate (cosine decay to 10%).")] = 1e-3,
+    lr: Annotated[float, typer.Option(help="Adam lr of MLP_P (warm-up, cosine decay to 10%).")] = 5e-3,
+    retriever_lr: Annotated[float, typer.Option(help="Adam lr of MLP_K, MLP_Q and the sentinel.")] = 1e-4,
     rep_dim: Annotated[int, typer.Option(help="Key dimension r.")] = 512,
     prompt_tokens: Annotated[int, typer.Option(help="Continuous prompt tokens per edit.")] = 3,
     pooling: Annotated[str, typer.Option(help="Encoder features: mean_max_min or mean.")] = "mean_max_min",
@@ -73,6 +81,10 @@ def train_cmd(
     seed: int = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the state in --work-dir.")] = False,
     log_every: Annotated[int, typer.Option(help="Print the losses every N steps.")] = 10,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="torch threads (env EDITQ_TORCH_THREADS); 1 is fastest on a CPU shared with other jobs."),
+    ] = None,
 ) -> None:
     """Train MLP_K, MLP_Q, MLP_P and the sentinel on CounterFact with the frozen LLM; write checkpoint + JSON."""
     from pydantic import ValidationError
@@ -82,10 +94,7 @@ def train_cmd(
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = _settings(home, model)
-    if settings.torch_threads:
-        import torch
-
-        torch.set_num_threads(settings.torch_threads)
+    _set_threads(threads or settings.torch_threads)
     if not data.is_file():
         _fail(f"no training data at {data}")
     model_path = settings.resolved_model_path()
@@ -101,6 +110,7 @@ def train_cmd(
             edit_batch=edit_batch,
             contrastive_batch=contrastive_batch,
             lr=lr,
+            retriever_lr=retriever_lr,
             rep_dim=rep_dim,
             prompt_tokens=prompt_tokens,
             pooling=pooling,
@@ -122,7 +132,9 @@ def train_cmd(
             result = train(ts, progress=report, log=log)
         except FileNotFoundError as err:
             _fail(str(err))
-    console.print(f"[green]checkpoint[/]: {ts.out} ({result['bytes'] / 1e6:.1f} MB), record: {ts.out.with_suffix('.json')}")
+    console.print(
+        f"[green]checkpoint[/]: {ts.out} ({result['bytes'] / 1e6:.1f} MB), record: {ts.out.with_suffix('.json')}"
+    )
     console.print(f"trained {result['train_seconds']:.0f} s on {result['data']['records_used']} records")
     _show(result["val"])
 
@@ -135,6 +147,7 @@ def eval_cmd(
     home: HomeOpt = None,
     model: ModelOpt = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics here.")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads (env EDITQ_TORCH_THREADS).")] = None,
 ) -> None:
     """Held-out check: store N edits only in the tier, report reliability / generality / locality / hit rates."""
     import time
@@ -146,6 +159,7 @@ def eval_cmd(
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = _settings(home, model)
+    _set_threads(threads or settings.torch_threads)
     try:
         tier = RetrievalTier.load(checkpoint, settings=settings)
         llm, tokenizer = load_model(settings.resolved_model_path(), device="cpu")

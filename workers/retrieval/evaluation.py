@@ -1,0 +1,196 @@
+"""Held-out check of the retrieval tier: N edits held only in the tier, the LLM frozen.
+
+* reliability / generality: share of edit / paraphrase prompts where P(target_new) > P(target_true) (mean
+  per-token NLL, as in ``workers.evaluation.metrics``) with the tier active: retrieval through the sentinel over all
+  N stored edits, the hit's prompt (whichever edit it is) prepended, nothing prepended on a miss.
+* locality: share of neighbourhood prompts whose next-token prediction is unchanged vs the unprompted model (a
+  sentinel rejection leaves the input byte-identical, so it counts as unchanged).
+* specificity: CounterFact's neighbourhood score (P(true) > P(target_new)) with the tier, for comparison with the
+  weight editors; ``base_*`` is the same without the tier, ``oracle_*`` with the query's own prompt forced in.
+* hit rates: own edit retrieved for edit / paraphrase prompts, sentinel rejects for neighbourhood prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from shared.schemas import EditRequest
+from workers.editing.tokens import chunks_by_tokens, target_token_ids
+from workers.retrieval.encoder import SentenceEncoder
+from workers.retrieval.index import KnowledgeIndex
+from workers.retrieval.injection import embed_prompted
+from workers.retrieval.modules import RecipeModel
+
+
+def statement(edit: EditRequest) -> str:
+    """The knowledge statement RECIPE stores for an edit: the prompt followed by the new target."""
+    return f"{edit.text} {edit.target_new.strip()}"
+
+
+@dataclass
+class TierMetrics:
+    n_edits: int
+    reliability: float
+    generality: float
+    locality: float
+    specificity: float
+    rel_hit: float
+    gen_hit: float
+    loc_reject: float
+    base_reliability: float | None = None
+    base_generality: float | None = None
+    base_specificity: float | None = None
+    oracle_reliability: float | None = None
+    oracle_generality: float | None = None
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return asdict(self)
+
+
+Item = tuple[str, str, str | None]  # (prompt text, candidate, prompt id or None)
+
+
+@torch.no_grad()
+def score_items(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Sequence[Item],
+    prompts: dict[str, torch.Tensor],
+    max_batch_tokens: int = 2048,
+) -> tuple[list[float], list[int]]:
+    """Per item: mean NLL of `` candidate`` after the text (prompt prepended when given) and the argmax token at
+    the position that predicts the candidate's first token (the model's next-token answer)."""
+    embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    device = embedding.weight.device
+    rows, spans, targets = [], [], []
+    for text, candidate, pid in items:
+        ids = tokenizer(text)["input_ids"]
+        cand = target_token_ids(tokenizer, text, candidate)
+        offset = 0 if pid is None else prompts[pid].shape[0]
+        rows.append(ids + cand[:-1])
+        spans.append(range(offset + len(ids) - 1, offset + len(ids) - 1 + len(cand)))
+        targets.append(cand)
+    nll = [0.0] * len(items)
+    top = [0] * len(items)
+    widths = [len(r) + (0 if it[2] is None else prompts[it[2]].shape[0]) for r, it in zip(rows, items, strict=True)]
+    for group in chunks_by_tokens(widths, max_batch_tokens):
+        batch = embed_prompted(
+            embedding, [rows[i] for i in group], [None if items[i][2] is None else prompts[items[i][2]] for i in group]
+        )
+        hidden = model.base_model(
+            inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, use_cache=False
+        ).last_hidden_state
+        r_idx = torch.tensor([j for j, i in enumerate(group) for _ in spans[i]], device=device)
+        p_idx = torch.tensor([p for i in group for p in spans[i]], device=device)
+        t_ids = torch.tensor([t for i in group for t in targets[i]], device=device)
+        logp = torch.log_softmax(head(hidden[r_idx, p_idx]).float(), dim=-1)
+        tok_nll = (-logp.gather(1, t_ids[:, None]).squeeze(1)).tolist()
+        arg = logp.argmax(-1).tolist()
+        k = 0
+        for i in group:
+            n = len(targets[i])
+            nll[i] = sum(tok_nll[k : k + n]) / n
+            top[i] = arg[k]
+            k += n
+    return nll, top
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
+@torch.no_grad()
+def evaluate_tier(
+    recipe: RecipeModel,
+    encoder: SentenceEncoder,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    diagnostics: bool = True,
+) -> TierMetrics:
+    """Store all ``requests`` in an in-memory tier, query it with every edit / paraphrase / neighbourhood prompt."""
+    recipe.eval()
+    for r in requests:
+        if r.target_true is None:
+            raise ValueError(f"edit {r.edit_id}: the held-out check needs target_true")
+    index = KnowledgeIndex(recipe.search_keys(recipe.sentinel_key(encoder)), recipe.scale, recipe.sentinel_offset)
+    keys = recipe.knowledge_keys(encoder.features([statement(r) for r in requests]))
+    own_prompts = recipe.prompts(keys)
+    prompts: dict[str, torch.Tensor] = {}
+    for r, key, prompt in zip(requests, keys, own_prompts, strict=True):
+        index.add(str(r.edit_id), recipe.search_keys(key), prompt)
+        prompts[str(r.edit_id)] = prompt
+    queries: list[tuple[str, str, int]] = []  # (kind, text, record index)
+    for i, r in enumerate(requests):
+        queries.append(("rel", r.text, i))
+        queries += [("gen", p, i) for p in r.paraphrase_prompts]
+        queries += [("loc", p.prompt, i) for p in r.neighborhood_prompts]
+    results = index.search(recipe.search_keys(recipe.query_keys(encoder.features([q[1] for q in queries]))))
+    items: dict[Item, int] = {}
+
+    def need(item: Item) -> Item:
+        items.setdefault(item, len(items))
+        return item
+
+    plan = []
+    for (kind, text, i), res in zip(queries, results, strict=True):
+        r = requests[i]
+        used = res.edit_id if res.accepted else None
+        own = str(r.edit_id)
+        if kind == "loc":
+            target = next(p.target for p in r.neighborhood_prompts if p.prompt == text)
+            cands = (target, r.target_new)
+            hit = not res.accepted
+        else:
+            cands = (r.target_new, str(r.target_true))
+            hit = res.accepted and res.edit_id == own
+        variants = {"tier": used}
+        if diagnostics or kind == "loc":
+            variants["base"] = None
+        if diagnostics and kind != "loc":
+            variants["oracle"] = own
+        pairs = {v: (need((text, cands[0], pid)), need((text, cands[1], pid))) for v, pid in variants.items()}
+        plan.append((kind, i, hit, pairs))
+    order = list(items)
+    nll, top = score_items(model, tokenizer, order, prompts)
+    nll_of = {it: nll[items[it]] for it in order}
+    top_of = {it: top[items[it]] for it in order}
+    per: dict[str, dict[int, list[float]]] = {}
+
+    def add(name: str, i: int, value: float) -> None:
+        per.setdefault(name, {}).setdefault(i, []).append(value)
+
+    for kind, i, hit, pairs in plan:
+        wins = {v: float(nll_of[a] < nll_of[b]) for v, (a, b) in pairs.items()}
+        name = {"rel": "reliability", "gen": "generality", "loc": "specificity"}[kind]
+        add({"rel": "rel_hit", "gen": "gen_hit", "loc": "loc_reject"}[kind], i, float(hit))
+        for variant, win in wins.items():
+            add(name if variant == "tier" else f"{variant}_{name}", i, win)
+        if kind == "loc":
+            add("locality", i, float(top_of[pairs["tier"][0]] == top_of[pairs["base"][0]]))
+
+    def metric(name: str) -> float | None:
+        if name not in per:
+            return None
+        return _mean([_mean(v) for v in per[name].values()])
+
+    return TierMetrics(
+        n_edits=len(requests),
+        reliability=metric("reliability") or 0.0,
+        generality=metric("generality") or 0.0,
+        locality=metric("locality") or 0.0,
+        specificity=metric("specificity") or 0.0,
+        rel_hit=metric("rel_hit") or 0.0,
+        gen_hit=metric("gen_hit") or 0.0,
+        loc_reject=metric("loc_reject") or 0.0,
+        base_reliability=metric("base_reliability"),
+        base_generality=metric("base_generality"),
+        base_specificity=metric("base_specificity"),
+        oracle_reliability=metric("oracle_reliability"),
+        oracle_generality=metric("oracle_generality"),
+    )

@@ -1,0 +1,139 @@
+"""``RetrievalTier``: the RECIPE tier as the router sees it (load once; add, retire, lookup, build prompt embeds).
+
+The store is a ``KnowledgeRepository`` (Redis, durable, shared) when a Redis URL is given, else an in-memory
+``KnowledgeIndex`` (evaluation, single process). Queries should be the user's text without a chat template: the
+retriever was trained on plain CounterFact prompts and a template would dilute every query alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from shared.schemas import EditRequest
+from shared.settings import Settings
+from workers.retrieval.encoder import SentenceEncoder
+from workers.retrieval.evaluation import statement
+from workers.retrieval.index import KnowledgeIndex, RetrievalHit, SearchResult
+from workers.retrieval.injection import prompt_embeds
+from workers.retrieval.modules import RecipeModel
+
+if TYPE_CHECKING:
+    from workers.retrieval.repository import KnowledgeRepository
+
+CHECKPOINT_DIR = Path(__file__).with_name("checkpoints")
+DEFAULT_CHECKPOINT = CHECKPOINT_DIR / "smollm2-135m-recipe.safetensors"
+
+
+def default_checkpoint_path() -> Path:
+    """The shipped checkpoint, trained for SmolLM2-135M-Instruct (see the JSON beside it)."""
+    return DEFAULT_CHECKPOINT
+
+
+def checkpoint_id(path: Path | str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+class RetrievalTier:
+    """Encoder + RECIPE heads + a knowledge store. Not thread-safe; one per router process."""
+
+    def __init__(
+        self,
+        recipe: RecipeModel,
+        encoder: SentenceEncoder,
+        ckpt_id: str,
+        redis_url: str | None = None,
+        prefix: str = "editq:retrieval",
+    ) -> None:
+        self.recipe = recipe.eval()
+        self.encoder = encoder
+        self.checkpoint_id = ckpt_id
+        with torch.no_grad():
+            sentinel = recipe.search_keys(recipe.sentinel_key(encoder))
+        shape = (recipe.config.prompt_tokens, recipe.config.llm_hidden)
+        if redis_url is None:
+            self.store: KnowledgeIndex | KnowledgeRepository = KnowledgeIndex(
+                sentinel, recipe.scale, recipe.sentinel_offset
+            )
+        else:
+            from workers.retrieval.repository import KnowledgeRepository
+
+            self.store = KnowledgeRepository(
+                sentinel, recipe.scale, recipe.sentinel_offset, shape, ckpt_id, url=redis_url, prefix=prefix
+            )
+
+    @classmethod
+    def load(
+        cls,
+        checkpoint: Path | str | None = None,
+        encoder_path: Path | str | None = None,
+        redis_url: str | None = None,
+        prefix: str = "editq:retrieval",
+        settings: Settings | None = None,
+    ) -> RetrievalTier:
+        """Load the checkpoint (default: the shipped SmolLM2 one) and the encoder it was trained with."""
+        settings = settings or Settings()
+        path = Path(checkpoint) if checkpoint is not None else default_checkpoint_path()
+        recipe, meta = RecipeModel.load(path)
+        encoder = SentenceEncoder(encoder_path or settings.resolved_encoder_path(), pooling=recipe.config.pooling)  # type: ignore[arg-type]
+        expected = meta.get("encoder_fingerprint")
+        if expected and expected != encoder.fingerprint:
+            raise ValueError(f"{path} was trained with encoder {expected}, but {encoder.path} is {encoder.fingerprint}")
+        return cls(recipe, encoder, checkpoint_id(path), redis_url=redis_url, prefix=prefix)
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    @torch.no_grad()
+    def encode_edits(self, edits: Sequence[EditRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Search keys [n, r] and continuous prompts [n, p, hidden] of edits (one encoder pass + two small MLPs)."""
+        keys = self.recipe.knowledge_keys(self.encoder.features([statement(e) for e in edits]))
+        return self.recipe.search_keys(keys), self.recipe.prompts(keys)
+
+    def add(self, edit: EditRequest) -> None:
+        self.add_many([edit])
+
+    def add_many(self, edits: Sequence[EditRequest]) -> None:
+        if not edits:
+            return
+        keys, prompts = self.encode_edits(edits)
+        for edit, key, prompt in zip(edits, keys, prompts, strict=True):
+            if isinstance(self.store, KnowledgeIndex):
+                self.store.add(str(edit.edit_id), key, prompt)
+            else:
+                self.store.add(edit, statement(edit), key, prompt)
+
+    def retire(self, edit_id: str) -> bool:
+        if isinstance(self.store, KnowledgeIndex):
+            return self.store.remove(edit_id)
+        return self.store.retire(edit_id)
+
+    def _query_keys(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.recipe.search_keys(self.recipe.query_keys(self.encoder.features(list(texts))))
+
+    @torch.no_grad()
+    def search(self, query_texts: Sequence[str]) -> list[SearchResult]:
+        """Top-1 candidate and sentinel score per query (for metrics: hits vs sentinel rejections)."""
+        return self.store.search(self._query_keys(query_texts))
+
+    @torch.no_grad()
+    def lookup(self, query_text: str) -> RetrievalHit | None:
+        """The retrieved edit for a query, or None when the sentinel rejects every stored item."""
+        return self.store.lookup(self._query_keys([query_text])[0])
+
+    def prompt_embeds(
+        self, embedding_layer: nn.Module, query_ids: torch.Tensor | Sequence[int], hit: RetrievalHit | None
+    ) -> torch.Tensor:
+        """[p + L, hidden] (or [L, hidden] without a hit) input embeddings for the frozen LLM / vLLM."""
+        hidden = int(embedding_layer.weight.shape[1])
+        if hidden != self.recipe.config.llm_hidden:
+            raise ValueError(
+                f"checkpoint emits {self.recipe.config.llm_hidden}-d prompts, the model embeds to {hidden}: "
+                "RECIPE must be trained per LLM"
+            )
+        return prompt_embeds(embedding_layer, query_ids, None if hit is None else hit.prompt)
