@@ -50,6 +50,7 @@ class _Sampling(BaseModel):
     n: Literal[1] = 1
     stream: bool = False
     min_version: int | None = Field(default=None, ge=0, description="Read-your-writes: only replicas at >= this.")
+    retrieval: bool = Field(default=True, description="Let the retrieval tier answer with edits it holds.")
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -94,7 +95,8 @@ def build_openai_router(get_router: Callable[[], Router], model_name: str,
 
     def editq(results: list[GenerateResult] | list[StreamChunk]) -> dict[str, Any]:
         return {"version": min(r.version for r in results), "versions": [r.version for r in results],
-                "replicas": [r.replica for r in results]}
+                "replicas": [r.replica for r in results],
+                "retrieved": [r.retrieved.model_dump() if r.retrieved else None for r in results]}
 
     async def run(requests: list[GenerateRequest]) -> list[GenerateResult] | JSONResponse:
         try:
@@ -132,6 +134,7 @@ def build_openai_router(get_router: Callable[[], Router], model_name: str,
         requests = [GenerateRequest(
             prompt=p, max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, stop=body.stops(),
             seed=body.seed, ignore_eos=body.ignore_eos, min_version=min_version(body, x_editq_min_version),
+            retrieval=body.retrieval,
         ) for p in prompts]
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
@@ -143,7 +146,8 @@ def build_openai_router(get_router: Callable[[], Router], model_name: str,
             return sse(*opened, lambda c: {
                 "id": rid, "object": "text_completion", "created": created, "model": model_name,
                 "choices": [{"index": 0, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}],
-                "editq": {"version": c.version, "replica": c.replica},
+                "editq": {"version": c.version, "replica": c.replica,
+                          "retrieved": c.retrieved.model_dump() if c.retrieved else None},
             })
         results = await run(requests)
         if isinstance(results, JSONResponse):
@@ -163,7 +167,7 @@ def build_openai_router(get_router: Callable[[], Router], model_name: str,
         request = GenerateRequest(
             messages=body.messages, max_tokens=body.max_completion_tokens or body.max_tokens or 256,
             temperature=body.temperature, top_p=body.top_p, stop=body.stops(), seed=body.seed,
-            ignore_eos=body.ignore_eos, min_version=min_version(body, x_editq_min_version),
+            ignore_eos=body.ignore_eos, min_version=min_version(body, x_editq_min_version), retrieval=body.retrieval,
         )
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:

@@ -15,12 +15,12 @@ A controller restarted while a version was committed but not yet live resumes it
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from controller.pool import EditWorkerPool
 from controller.rollout import RolloutManager, probes_from_requests
 from shared.metrics import Metrics
-from shared.outcomes import EditOutcome, EditState, ReasonCode
+from shared.outcomes import EditOutcome, EditState, ReasonCode, Route
 from shared.schemas import EditRequest
 from shared.streams import EditStreams, Finished
 from shared.weight_store import WeightStore
@@ -36,12 +36,14 @@ class Publisher:
         store: WeightStore,
         metrics: Metrics,
         rollout: RolloutManager | None = None,
+        retire: Callable[[list[str]], Awaitable[int]] | None = None,
     ) -> None:
         self.streams = streams
         self.pool = pool
         self.store = store
         self.metrics = metrics
         self.rollout = rollout
+        self.retire = retire  # removes live edits from the retrieval tier (None: no tier)
         self.pending: int | None = None  # a committed version still waiting for its rollout
 
     @property
@@ -55,6 +57,7 @@ class Publisher:
             await self.streams.set_live(version)
             await self.streams.set_version_status(version, "live")
             self.metrics.set("editq_live_version", version)
+            await self._retire([r.edit_id for r in requests])
             await self._follow(version)
             return "live"
         result = await self.rollout.deploy(version, probes_from_requests(requests))
@@ -63,10 +66,12 @@ class Publisher:
             recorded = await self._finish(ids, EditState.applied, version)
             self.metrics.inc("editq_outcomes", recorded, state=EditState.applied.value)
             self.pending = None
+            await self._retire(ids)
             await self._follow(version)
             return "live"
         if result.status == "rolled_back":
-            recorded = await self._finish(ids, EditState.rolled_back, version, ReasonCode.rollout, result.reason)
+            recorded = await self._finish(ids, EditState.rolled_back, version, ReasonCode.rollout,
+                                          self.retrieval_note(result.reason or "rollout gate failed"))
             self.metrics.inc("editq_outcomes", recorded, state=EditState.rolled_back.value)
             await self.streams.revert_head(version, result.previous)
             self.pending = None
@@ -90,15 +95,34 @@ class Publisher:
         ordered = [requests[e] for e in manifest.edit_ids if e in requests]
         return await self.publish(head, ordered)
 
+    @property
+    def route_for_rest(self) -> Route | None:
+        """Who serves an edit the weights did not take: the retrieval tier when there is one."""
+        return Route.retrieval if self.retire is not None else None
+
+    def retrieval_note(self, reason: str) -> str:
+        return f"{reason}; the retrieval tier keeps serving it" if self.retire is not None else reason
+
     async def _finish(
         self, edit_ids: Sequence[str], state: EditState, version: int, code: ReasonCode | None = None,
         reason: str | None = None,
     ) -> int:
+        served = Route.weights if state == EditState.applied else self.route_for_rest
         finished = [
-            Finished(EditOutcome(edit_id=e, state=state, version=version, reason_code=code, reason=reason), None)
+            Finished(EditOutcome(edit_id=e, state=state, version=version, reason_code=code, reason=reason,
+                                 served_by=served), None)
             for e in edit_ids
         ]
         return await self.streams.finish(finished)
+
+    async def _retire(self, edit_ids: list[str]) -> None:
+        """Live in the weights: the tier entries go (a failure leaves them, harmless: they say the same)."""
+        if self.retire is None:
+            return
+        try:
+            await self.retire(edit_ids)
+        except Exception as err:
+            log.warning("could not retire %d tier entries: %s", len(edit_ids), err)
 
     async def _follow(self, version: int) -> None:
         """Edit workers move to the version; a failure here is repaired by the next batch's sync."""

@@ -22,9 +22,10 @@ from controller.batching import Batcher
 from controller.janitor import dead_letter_if_poison, sweep
 from controller.pool import EditWorkerPool
 from controller.publish import Publisher
+from controller.verdicts import StaleHeadError, Verdicts, describe, is_out_of_memory, retryable
 from shared.jobs import WorkerInfo
-from shared.metrics import MemoryMetrics, Metrics, RayMetrics
-from shared.outcomes import EditOutcome, EditState, ReasonCode
+from shared.metrics import Metrics, default_metrics
+from shared.outcomes import EditOutcome, EditState, ReasonCode, Route
 from shared.settings import Settings
 from shared.streams import EditStreams, Finished, StreamEntry
 from shared.weight_store import LocalWeightStore, build_manifest
@@ -32,10 +33,6 @@ from workers.guards import GuardRejection
 
 log = logging.getLogger("editq.controller")
 CONSUMER = "controller"
-
-
-class StaleHeadError(RuntimeError):
-    """The committed head moved while a batch was computed (another controller?): never commit on top of it."""
 
 
 class ControllerStatus(BaseModel):
@@ -52,23 +49,6 @@ class ControllerStatus(BaseModel):
     workers: list[WorkerInfo] = []
 
 
-def _retryable(err: BaseException) -> bool:
-    """Transient failures are retried; OOM (same size fails again), guard verdicts and a moved head are not."""
-    return not (is_out_of_memory(err) or isinstance(err, GuardRejection | StaleHeadError))
-
-
-def describe(err: BaseException) -> str:
-    """The root cause in one line (Ray wraps a worker's exception with its traceback; people need the cause)."""
-    cause = getattr(err, "cause", None) or err
-    return f"{type(cause).__name__}: {cause}".splitlines()[0][:500]
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """OOM anywhere in the chain (Ray wraps worker exceptions): retrying the same size is pointless, split."""
-    text = f"{type(err).__name__}: {err}".lower()
-    return "outofmemory" in text.replace(" ", "") or "out of memory" in text
-
-
 class Controller:
     def __init__(self, settings: dict | None = None, metrics: Metrics | None = None) -> None:
         self.settings = Settings(**(settings or {}))
@@ -77,9 +57,11 @@ class Controller:
         self.store = LocalWeightStore(s.resolved_store_dir())
         self.pool = EditWorkerPool(s, self.store)
         self.batcher = Batcher(s.batch_max_size, s.batch_max_wait_s)
-        self.metrics = metrics or (RayMetrics() if _in_ray() else MemoryMetrics())
+        self.metrics = metrics or (default_metrics())
         self.publisher = Publisher(self.streams, self.pool, self.store, self.metrics)
+        self.verdicts = Verdicts(s, self.streams, self.store, self.publisher, self.metrics)
         self._last_resume = 0.0
+        self.indexer = None  # the retrieval-tier indexer actor, when the tier is on
         self._stop = False
         self._state = "starting"
         self._started_at = datetime.now(UTC)
@@ -108,6 +90,8 @@ class Controller:
 
     async def stop(self) -> None:
         self._stop = True
+        if self.indexer is not None:
+            await self.indexer.stop.remote()
 
     async def stop_serving(self) -> None:
         """Shut the (detached) serving replicas down; they otherwise outlive the controller on purpose."""
@@ -133,6 +117,8 @@ class Controller:
     async def _start(self) -> None:
         s = self.settings
         await self.streams.ensure_group()
+        if s.retrieval_enabled:  # first: the tier must see edits within a second, whatever the workers do
+            await self._start_indexer()
         await self.pool.start()
         head = await self.streams.head()
         await self.pool.sync(head)
@@ -149,6 +135,24 @@ class Controller:
             log.warning("resuming %d entries delivered before a restart", len(pending))
         pending = await self._poison_check(pending)
         await self._admit(pending)
+
+    async def _start_indexer(self) -> None:
+        import ray
+
+        from controller.indexer import RetrievalIndexer
+
+        self.indexer = ray.remote(RetrievalIndexer).options(
+            num_cpus=0, max_restarts=-1, max_task_retries=-1
+        ).remote(self.settings.model_dump(mode="json"))
+        if await self.indexer.enabled_.remote():
+            self._indexer_run = self.indexer.run.remote()
+
+            async def retire(edit_ids: list[str]) -> int:
+                return await self.indexer.retire.remote(edit_ids)
+
+            self.publisher.retire = retire
+        else:
+            log.warning("retrieval tier off (no checkpoint for this model): edits are served by the weights only")
 
     async def _poison_check(self, entries: list[StreamEntry]) -> list[StreamEntry]:
         kept = await dead_letter_if_poison(self.streams, entries, self.settings.max_deliveries)
@@ -246,7 +250,11 @@ class Controller:
         try:
             await self.streams.mark_in_flight([e.edit_id for e in batch])
             self.metrics.observe("editq_batch_size_edits", len(batch))
-            await self._apply(batch)
+            spent = await self.verdicts.capacity_spent()
+            if spent:
+                await self.verdicts.decline(batch, ReasonCode.capacity, spent)
+            else:
+                await self._apply(batch)
         finally:
             self._in_flight = set()
 
@@ -258,7 +266,7 @@ class Controller:
             async for attempt in AsyncRetrying(
                 stop=stop_after_attempt(s.batch_retries + 1),
                 wait=wait_exponential(multiplier=s.retry_backoff_s, max=30),
-                retry=retry_if_exception(_retryable),
+                retry=retry_if_exception(retryable),
                 reraise=True,
             ):
                 with attempt:
@@ -267,7 +275,7 @@ class Controller:
         except StaleHeadError:
             raise
         except GuardRejection as rejection:  # a verdict on the whole batch: neither retried nor split
-            await self._reject(entries, rejection)
+            await self.verdicts.reject(entries, rejection)
             return
         except Exception as err:
             error = err
@@ -280,32 +288,8 @@ class Controller:
             await self._apply(entries[:mid])
             await self._apply(entries[mid:])
             return
-        await self._fail(entries[0], error)
-
-    async def _reject(self, entries: list[StreamEntry], rejection: GuardRejection) -> None:
-        """The collapse guard would weaken this batch so much that it fails: reject it instead of applying it."""
-        efficacy = dict(zip(rejection.edit_ids, rejection.per_edit_efficacy, strict=False))
-        finished = []
-        for e in entries:
-            reason = (f"collapse guard: after filtering the update out of the protected spectral subspace the batch's "
-                      f"efficacy is below {rejection.min_efficacy:.2f} (this edit: {efficacy.get(e.edit_id, 0.0):.2f})")
-            outcome = EditOutcome(edit_id=e.edit_id, state=EditState.rejected, reason_code=ReasonCode.collapse_risk,
-                                  reason=reason, stream_id=e.stream_id)
-            finished.append(Finished(outcome, e.stream_id))
-        recorded = await self.streams.finish(finished)
-        self.metrics.inc("editq_outcomes", recorded, state=EditState.rejected.value)
-        log.warning("guard rejected a batch of %d edits (collapse_risk)", len(entries))
-
-    async def _fail(self, entry: StreamEntry, error: BaseException | None) -> None:
-        code = ReasonCode.out_of_memory if error and is_out_of_memory(error) else ReasonCode.worker_error
-        tries = "" if code == ReasonCode.out_of_memory else f" after {self.settings.batch_retries + 1} attempts"
-        reason = f"could not be applied alone{tries}: {describe(error) if error else self._last_error}"
-        outcome = EditOutcome(
-            edit_id=entry.edit_id, state=EditState.failed, reason_code=code, reason=reason, stream_id=entry.stream_id
-        )
-        if await self.streams.finish([Finished(outcome, entry.stream_id)]):
+        if await self.verdicts.fail(entries[0], error, self._last_error):
             self._counts["failed"] += 1
-            self.metrics.inc("editq_outcomes", state=EditState.failed.value)
 
     async def _commit(self, entries: list[StreamEntry]) -> None:
         requests = [e.request for e in entries]
@@ -327,7 +311,8 @@ class Controller:
         self.store.put(manifest, result.deltas, result.aux)
         state = self.publisher.commit_state
         finished = [
-            Finished(EditOutcome(edit_id=e.edit_id, state=state, version=version, stream_id=e.stream_id), e.stream_id)
+            Finished(EditOutcome(edit_id=e.edit_id, state=state, version=version, stream_id=e.stream_id,
+                                 served_by=Route.weights if state == EditState.applied else None), e.stream_id)
             for e in entries
         ]
         fields = {
@@ -359,11 +344,3 @@ class Controller:
         except Exception as err:
             log.warning("could not resync workers to %d: %s", head, err)
 
-
-def _in_ray() -> bool:
-    try:
-        import ray
-
-        return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
-    except Exception:
-        return False

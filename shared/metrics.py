@@ -182,6 +182,18 @@ class RayMetrics:
         self._get(name, Kind.histogram).observe(value, tags=labels or None)
 
 
+def default_metrics() -> Metrics:
+    """``RayMetrics`` inside a Ray actor (exported by the node's agent), else an in-memory recorder."""
+    try:
+        import ray
+
+        if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+            return RayMetrics()
+    except Exception:
+        pass
+    return MemoryMetrics()
+
+
 def metric_key(name: str, **labels: str | int) -> str:
     """Flat key for a labelled value in a JSON dict (version manifests): ``editq_sigma_max|layer=4``."""
     if name not in SPECS:

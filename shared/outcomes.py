@@ -43,6 +43,13 @@ class ReasonCode(StrEnum):
     rollout = "rollout"  # the version failed a rollout gate
 
 
+class Route(StrEnum):
+    """What answers with the edit: the weights, or the retrieval tier (for edits the weights could not take)."""
+
+    weights = "weights"
+    retrieval = "retrieval"
+
+
 class EditOutcome(BaseModel):
     """One terminal outcome, as published on the outcome stream."""
 
@@ -53,6 +60,7 @@ class EditOutcome(BaseModel):
     version: int | None = None
     reason_code: ReasonCode | None = None
     reason: str | None = None
+    served_by: Route | None = None
     stream_id: str | None = None
     at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
@@ -68,6 +76,7 @@ class EditStatus(BaseModel):
     version: int | None = None
     reason_code: ReasonCode | None = None
     reason: str | None = None
+    served_by: Route | None = None
     submitted_at: datetime | None = None
     updated_at: datetime | None = None
 

@@ -162,6 +162,29 @@ class Settings(BaseSettings):
     )
     serving_request_timeout_s: float = Field(default=120.0, gt=0, description="Longest one generate call may take.")
 
+    # --- retrieval tier (RECIPE) ------------------------------------------------------------------------------
+    retrieval_enabled: bool = Field(
+        default=True, description="Write every accepted edit to the RECIPE retrieval tier first and answer queries "
+        "with it until the weights hold the edit (or for good, when the weights cannot take it). Needs a checkpoint "
+        "trained for the served model; without one the tier stays off (logged).",
+    )
+    retrieval_checkpoint: Path | None = Field(
+        default=None, description="RECIPE checkpoint; default: the one shipped for SmolLM2-135M-Instruct."
+    )
+    retrieval_refresh_s: float = Field(
+        default=0.2, gt=0, description="How often a reader replays other processes' tier changes (visibility lag)."
+    )
+
+    capacity_max_drift: float | None = Field(
+        default=None, gt=0, description="Parametric capacity budget: once any edited matrix has drifted this far "
+        "from its base (||W - W0|| / ||W0||, per version manifest), new edits are no longer written into the weights; "
+        "they stay in the retrieval tier (outcome rejected/capacity). None: no budget.",
+    )
+    capacity_min_control_accuracy: float | None = Field(
+        default=None, ge=0, le=1, description="Same budget on the control facts the base model knows: below this "
+        "accuracy the weights take no more edits.",
+    )
+
     # --- HTTP API ---------------------------------------------------------------------------------------------
     api_host: str = "127.0.0.1"
     api_port: int = 8000
@@ -182,6 +205,10 @@ class Settings(BaseSettings):
 
     def resolved_store_dir(self) -> Path:
         return self.store_dir or self.home / "versions" / self.namespace
+
+    def retrieval_prefix(self) -> str:
+        """Redis prefix of the retrieval tier, inside the namespace's hash tag."""
+        return "{" + self.namespace + "}:retrieval"
 
     def served_model_name(self) -> str:
         """Model id the OpenAI-compatible API reports."""

@@ -30,7 +30,8 @@ from redis.exceptions import ResponseError
 from shared.outcomes import TERMINAL_STATES, EditOutcome, EditState, EditStatus, ReasonCode, SubmitResult
 from shared.schemas import EditRequest
 
-GROUP = "controller"
+GROUP = "controller"  # the parametric pipeline
+RETRIEVAL_GROUP = "retrieval"  # the retrieval-tier indexer: a second, independent reader of every edit
 _TERMINAL_LUA = "{" + ", ".join(f"['{s.value}']=true" for s in TERMINAL_STATES) + "}"
 
 _SUBMIT = """
@@ -44,7 +45,8 @@ return {1, 'queued', id}
 """
 
 # KEYS: edits, outcomes, head, version-hash, edit hashes...   ARGV: group, expect_head, new_head, now, maxlen,
-# version_fields_json, n, then per edit: stream_id, edit_id, state, version, reason_code, reason, outcome_json
+# version_fields_json, n, then per edit: stream_id, edit_id, state, version, reason_code, reason, served_by,
+# outcome_json
 _FINISH = """
 local terminal = TERMINAL
 if ARGV[2] ~= '' then
@@ -59,15 +61,15 @@ end
 local recorded = 0
 local n = tonumber(ARGV[7])
 for i = 1, n do
-  local b = 7 + (i - 1) * 7
+  local b = 7 + (i - 1) * 8
   local key = KEYS[4 + i]
   local current = redis.call('HGET', key, 'state')
   if not (current and terminal[current]) then
     redis.call('HSET', key, 'edit_id', ARGV[b + 2], 'state', ARGV[b + 3], 'version', ARGV[b + 4],
-               'reason_code', ARGV[b + 5], 'reason', ARGV[b + 6], 'updated_at', ARGV[4])
+               'reason_code', ARGV[b + 5], 'reason', ARGV[b + 6], 'served_by', ARGV[b + 7], 'updated_at', ARGV[4])
     if terminal[ARGV[b + 3]] then
       redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'edit_id', ARGV[b + 2], 'state', ARGV[b + 3],
-                 'outcome', ARGV[b + 7])
+                 'outcome', ARGV[b + 8])
     end
     recorded = recorded + 1
   end
@@ -181,10 +183,10 @@ class EditStreams:
     async def close(self) -> None:
         await self.redis.aclose()
 
-    async def ensure_group(self) -> None:
-        """Create the stream and its consumer group if missing (from the start, so nothing queued is skipped)."""
+    async def ensure_group(self, group: str = GROUP) -> None:
+        """Create the stream and a consumer group if missing (from the start, so nothing queued is skipped)."""
         try:
-            await self.redis.xgroup_create(self.edits_key, GROUP, id="0", mkstream=True)
+            await self.redis.xgroup_create(self.edits_key, group, id="0", mkstream=True)
         except ResponseError as err:
             if "BUSYGROUP" not in str(err):
                 raise
@@ -203,11 +205,11 @@ class EditStreams:
 
     # ---- the consumer -----------------------------------------------------------------------------------------
     async def read(
-        self, consumer: str, count: int, block_ms: int | None, own_pending: bool = False
+        self, consumer: str, count: int, block_ms: int | None, own_pending: bool = False, group: str = GROUP
     ) -> list[StreamEntry]:
         """New entries (``>``), or with ``own_pending`` this consumer's delivered-but-unacknowledged ones."""
         reply = await self.redis.xreadgroup(
-            GROUP, consumer, {self.edits_key: "0" if own_pending else ">"}, count=count, block=block_ms
+            group, consumer, {self.edits_key: "0" if own_pending else ">"}, count=count, block=block_ms
         )
         entries: list[StreamEntry] = []
         for _, items in reply or []:
@@ -248,9 +250,9 @@ class EditStreams:
     async def status(self, edit_id: str) -> EditStatus | None:
         return (await self.statuses([edit_id]))[edit_id]
 
-    async def ack(self, stream_ids: Sequence[str]) -> int:
+    async def ack(self, stream_ids: Sequence[str], group: str = GROUP) -> int:
         """Acknowledge entries that need no outcome (their edit is decided, or they duplicate a known edit)."""
-        return int(await self.redis.xack(self.edits_key, GROUP, *stream_ids)) if stream_ids else 0
+        return int(await self.redis.xack(self.edits_key, group, *stream_ids)) if stream_ids else 0
 
     async def mark_in_flight(self, edit_ids: Sequence[str]) -> int:
         if not edit_ids:
@@ -281,7 +283,8 @@ class EditStreams:
             keys.append(self.edit_key(o.edit_id))
             args += [
                 item.stream_id or "", o.edit_id, o.state.value, "" if o.version is None else str(o.version),
-                o.reason_code.value if o.reason_code else "", o.reason or "", o.model_dump_json(),
+                o.reason_code.value if o.reason_code else "", o.reason or "",
+                o.served_by.value if o.served_by else "", o.model_dump_json(),
             ]
         return int(await self._finish(keys=keys, args=args))
 

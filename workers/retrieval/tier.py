@@ -8,6 +8,7 @@ retriever was trained on plain CounterFact prompts and a template would dilute e
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +27,7 @@ from workers.retrieval.modules import RecipeModel
 if TYPE_CHECKING:
     from workers.retrieval.repository import KnowledgeRepository
 
+log = logging.getLogger("editq.retrieval")
 CHECKPOINT_DIR = Path(__file__).with_name("checkpoints")
 DEFAULT_CHECKPOINT = CHECKPOINT_DIR / "smollm2-135m-recipe.safetensors"
 
@@ -85,6 +87,27 @@ class RetrievalTier:
         if expected and expected != encoder.fingerprint:
             raise ValueError(f"{path} was trained with encoder {expected}, but {encoder.path} is {encoder.fingerprint}")
         return cls(recipe, encoder, checkpoint_id(path), redis_url=redis_url, prefix=prefix)
+
+    @classmethod
+    def for_model(cls, settings: Settings) -> RetrievalTier | None:
+        """The tier for the served model when enabled and a checkpoint trained for that model exists, else None
+        (logged: RECIPE's prompts live in one LLM's embedding space, so another model's checkpoint cannot serve)."""
+        from workers.model_io import model_fingerprint
+
+        if not settings.retrieval_enabled:
+            return None
+        path = Path(settings.retrieval_checkpoint or default_checkpoint_path())
+        if not path.is_file():
+            log.warning("retrieval tier off: no RECIPE checkpoint at %s", path)
+            return None
+        _, meta = RecipeModel.load(path)
+        trained_for = meta.get("model_fingerprint")
+        served = model_fingerprint(settings.resolved_model_path())
+        if trained_for and trained_for != served:
+            log.warning("retrieval tier off: %s was trained for %s, the served model is %s (train one with "
+                        "`editq retrieval train`)", path.name, trained_for, served)
+            return None
+        return cls.load(path, redis_url=settings.redis_url, prefix=settings.retrieval_prefix(), settings=settings)
 
     def __len__(self) -> int:
         return len(self.store)

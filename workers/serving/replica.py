@@ -29,11 +29,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from shared.metrics import MemoryMetrics, Metrics, RayMetrics
+from shared.metrics import Metrics, default_metrics
 from shared.streams import EditStreams
 from shared.weight_store import BASE_VERSION, LocalWeightStore
 from workers.serving.config import ServingSettings
 from workers.serving.engine import create_engine, sampling_params, scoring_params
+from workers.serving.retrieval import QueryRetrieval, query_text
 from workers.serving.schemas import (
     GenerateRequest,
     GenerateResult,
@@ -43,6 +44,7 @@ from workers.serving.schemas import (
     ReplicaStatus,
     ReplicaUnavailableError,
     RequestAbortedError,
+    RetrievedEdit,
     ScoreRequest,
     ScoreResult,
     StreamChunk,
@@ -66,9 +68,10 @@ class Replica:
         self.current: VersionMatrices | None = None
         self.engine: Any = None
         self.tokenizer: Any = None
+        self.retrieval: QueryRetrieval | None = None
         self.store = LocalWeightStore(self.settings.resolved_store_dir())
         self.base = BaseReader(self.settings.resolved_model_path())
-        self.metrics: Metrics = RayMetrics() if _in_ray() else MemoryMetrics()
+        self.metrics: Metrics = default_metrics()
         # One folder per replica name: a restarted replica clears what a killed predecessor left mid-swap.
         self.work_dir = (self.settings.serving_work_dir or Path(tempfile.gettempdir())) / f"editq-{self.name}"
         shutil.rmtree(self.work_dir, ignore_errors=True)
@@ -99,7 +102,12 @@ class Replica:
     async def _start(self) -> None:
         try:
             t0 = time.perf_counter()
-            self.engine, self.tokenizer = await asyncio.to_thread(create_engine, self.settings)
+            self.retrieval = await asyncio.to_thread(self._load_retrieval)
+            self.engine, self.tokenizer = await asyncio.to_thread(
+                create_engine, self.settings, self.retrieval is not None
+            )
+            if self.retrieval is not None:
+                self.retrieval.tokenizer = self.tokenizer
             self.version, self.current = BASE_VERSION, VersionMatrices(BASE_VERSION)
             await self.engine.update_weight_version(str(BASE_VERSION))
             log.info("%s: engine up in %.1f s", self.name, time.perf_counter() - t0)
@@ -111,6 +119,12 @@ class Replica:
             self.state = ReplicaState.failed
             self.error = f"start failed: {type(err).__name__}: {err}"[:1000]
             log.exception("%s: start failed", self.name)
+
+    def _load_retrieval(self) -> QueryRetrieval | None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.settings.resolved_model_path(), local_files_only=True)
+        return QueryRetrieval.load(self.settings, tokenizer)
 
     async def _catch_up(self) -> None:
         """Follow the live pointer until it stops moving (a rollout may finish while we catch up)."""
@@ -188,6 +202,19 @@ class Replica:
         messages = [m.model_dump() for m in request.messages or []]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    async def _inputs(self, request: GenerateRequest) -> tuple[Any, RetrievedEdit | None]:
+        """The engine input: the prompt text, or on a retrieval-tier hit its embeddings behind the edit's prompt."""
+        text = self._prompt(request)
+        if self.retrieval is None or not request.retrieval or request.internal:
+            return text, None
+        start = time.perf_counter()
+        inputs, hit = await asyncio.to_thread(
+            self.retrieval.prepare, query_text(request.prompt, request.messages), text
+        )
+        self.metrics.observe("editq_retrieval_latency_seconds", time.perf_counter() - start)
+        self.metrics.inc("editq_retrieval_lookups", result="hit" if hit else "sentinel")
+        return inputs, hit
+
     async def _run(self, prompt: Any, params: Any, request_id: str | None) -> AsyncIterator[Any]:
         """Drive one engine request, keeping the admission and failure counts right."""
         entered = False
@@ -219,7 +246,8 @@ class Replica:
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
         self._require_ready(request.internal)
-        prompt, params = self._prompt(request), sampling_params(request, "FINAL_ONLY")  # may raise: before admission
+        params = sampling_params(request, "FINAL_ONLY")  # may raise: before admission
+        prompt, retrieved = await self._inputs(request)
         version = self._admit(request.internal)
         final = None
         async for out in self._run(prompt, params, request.request_id):
@@ -229,13 +257,14 @@ class Replica:
         return GenerateResult(
             text=completion.text, token_ids=list(completion.token_ids), finish_reason=completion.finish_reason,
             prompt_tokens=len(final.prompt_token_ids or []), completion_tokens=len(completion.token_ids),
-            version=version, replica=self.name, engine_versions=spans,
+            version=version, replica=self.name, engine_versions=spans, retrieved=retrieved,
         )
 
     async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
         """Streamed completion (a Ray streaming generator); every chunk carries the admission version."""
         self._require_ready(request.internal)
-        prompt, params = self._prompt(request), sampling_params(request, "DELTA")
+        params = sampling_params(request, "DELTA")
+        prompt, retrieved = await self._inputs(request)
         version = self._admit(request.internal)
         produced = 0
         async for out in self._run(prompt, params, request.request_id):
@@ -245,7 +274,7 @@ class Replica:
                 self._check_versions(completion, version)
             yield StreamChunk(
                 text=completion.text, finish_reason=completion.finish_reason, version=version, replica=self.name,
-                prompt_tokens=len(out.prompt_token_ids or []), completion_tokens=produced,
+                prompt_tokens=len(out.prompt_token_ids or []), completion_tokens=produced, retrieved=retrieved,
             )
 
     async def score(self, request: ScoreRequest) -> ScoreResult:
@@ -362,11 +391,3 @@ class Replica:
             self.error = f"restore of version {self.version} failed: {type(err).__name__}: {err}"[:1000]
             log.exception("%s: %s", self.name, self.error)
 
-
-def _in_ray() -> bool:
-    try:
-        import ray
-
-        return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
-    except Exception:
-        return False

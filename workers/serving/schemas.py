@@ -48,12 +48,21 @@ class GenerateRequest(BaseModel):
     min_version: int | None = Field(default=None, ge=0)
     request_id: str | None = None
     internal: bool = Field(default=False, description="A rollout probe: admitted while the replica is a held canary.")
+    retrieval: bool = Field(default=True, description="Let the retrieval tier answer with edits it holds.")
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
         return self
+
+
+class RetrievedEdit(BaseModel):
+    """The retrieval-tier entry whose continuous prompt was in front of this request (RECIPE)."""
+
+    edit_id: str
+    score: float
+    sentinel_score: float
 
 
 class GenerateResult(BaseModel):
@@ -67,6 +76,7 @@ class GenerateResult(BaseModel):
     engine_versions: list[str] = Field(
         default_factory=list, description="vLLM's own weight-version spans over the output tokens (one expected)."
     )
+    retrieved: RetrievedEdit | None = Field(default=None, description="The tier entry used, if any.")
 
 
 class StreamChunk(BaseModel):
@@ -78,6 +88,7 @@ class StreamChunk(BaseModel):
     replica: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    retrieved: RetrievedEdit | None = None
 
 
 class ScoreRequest(BaseModel):

@@ -1,0 +1,81 @@
+"""The query side of the retrieval tier inside a serving replica: look the query up, and on a hit send vLLM the
+prompt as embeddings with the edit's RECIPE continuous prompt in front (``{"prompt_embeds": ...}``).
+
+The replica needs only the LLM's input-embedding table for this (read from the checkpoint files by name, found
+through the model class on the meta device, so no model-specific path is hard-coded), the sentence encoder and the
+RECIPE heads. Rollout probes (``internal``) never use the tier: they must test the weights alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from shared.settings import Settings
+from workers.retrieval.tier import RetrievalTier
+from workers.serving.schemas import ChatMessage, RetrievedEdit
+
+log = logging.getLogger("editq.serving.retrieval")
+
+
+def load_input_embeddings(model_dir: Path) -> nn.Module:
+    """The model's input-embedding module with its trained weights, without loading the rest of the model."""
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    embedding = skeleton.get_input_embeddings()
+    if list(embedding.buffers()):  # e.g. scaled embeddings keep their scale in a buffer: load the real module
+        full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
+        return full.get_input_embeddings().eval()
+    name = next(n for n, p in skeleton.named_parameters() if p is embedding.weight)
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            if name in handle.keys():  # noqa: SIM118 - safe_open has no __contains__
+                weight = handle.get_tensor(name).float()
+                break
+    else:
+        raise FileNotFoundError(f"{name} not found in the safetensors files of {model_dir}")
+    module = embedding.to_empty(device="cpu")
+    with torch.no_grad():
+        module.weight.copy_(weight)
+    return module.eval()
+
+
+def query_text(prompt: str | None, messages: list[ChatMessage] | None) -> str:
+    """What to look up: the plain prompt, or the last user message (never the chat template around it)."""
+    if prompt is not None:
+        return prompt
+    users = [m.content for m in messages or [] if m.role == "user"]
+    return users[-1] if users else ""
+
+
+class QueryRetrieval:
+    def __init__(self, tier: RetrievalTier, embedding: nn.Module, tokenizer: Any) -> None:
+        self.tier = tier
+        self.embedding = embedding
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def load(cls, settings: Settings, tokenizer: Any) -> QueryRetrieval | None:
+        tier = RetrievalTier.for_model(settings)
+        if tier is None:
+            return None
+        return cls(tier, load_input_embeddings(settings.resolved_model_path()), tokenizer)
+
+    @torch.no_grad()
+    def prepare(self, query: str, full_prompt: str) -> tuple[Any, RetrievedEdit | None]:
+        """vLLM input for ``full_prompt``: the text itself, or prompt embeddings with the retrieved edit's prompt."""
+        hit = self.tier.lookup(query) if query.strip() else None
+        if hit is None:
+            return full_prompt, None
+        ids = self.tokenizer(full_prompt)["input_ids"]
+        embeds = self.tier.prompt_embeds(self.embedding, ids, hit).float().contiguous()
+        return {"prompt_embeds": embeds}, RetrievedEdit(
+            edit_id=hit.edit_id, score=float(hit.score), sentinel_score=float(hit.sentinel_score)
+        )
