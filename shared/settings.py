@@ -77,6 +77,18 @@ class Settings(BaseSettings):
         default=900.0, gt=0, description="A worker call slower than this counts as failed (hung worker)."
     )
 
+    # Guard policy is a deployment decision, so it may change during a store's lifetime (e.g. tighten as the
+    # collapse metrics approach their budget); the algorithm's other settings are fixed by the store.
+    guard: str | None = Field(default=None, description="Override the editor's collapse guard: none or revive.")
+    guard_revive_energy: float | None = Field(
+        default=None, gt=0, lt=1, description="Override the share of sigma^2 REVIVE protects."
+    )
+    guard_revive_rank: int | None = Field(
+        default=None, ge=0, description="Override REVIVE's protected rank (takes precedence over the energy share)."
+    )
+    guard_min_efficacy: float | None = Field(
+        default=None, ge=0, le=1, description="Override the batch efficacy below which the guard rejects a batch."
+    )
     collapse_eval_every: int = Field(
         default=1, ge=1, description="Compute the model-level collapse metrics (canary perplexity, control facts, "
         "retention) every N versions; the per-matrix spectral metrics are computed for every version.",
@@ -205,6 +217,12 @@ class Settings(BaseSettings):
 
     def resolved_store_dir(self) -> Path:
         return self.store_dir or self.home / "versions" / self.namespace
+
+    def guard_overrides(self) -> dict[str, object]:
+        """Editor hyperparameters the guard-policy settings override."""
+        pairs = {"guard": self.guard, "revive_energy": self.guard_revive_energy, "revive_rank": self.guard_revive_rank,
+                 "guard_min_efficacy": self.guard_min_efficacy}
+        return {k: v for k, v in pairs.items() if v is not None}
 
     def retrieval_prefix(self) -> str:
         """Redis prefix of the retrieval tier, inside the namespace's hash tag."""

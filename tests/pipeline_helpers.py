@@ -85,3 +85,29 @@ class Probe:
     def cleanup(self) -> None:
         for key in self.redis.scan_iter(match=f"{self.tag}:*", count=1000):
             self.redis.delete(key)
+
+
+class ServedAPI:
+    """The real HTTP API on a free port in a background thread (edits in, OpenAI-compatible queries out)."""
+
+    def __init__(self, settings: Settings) -> None:
+        import threading
+
+        import uvicorn
+
+        from controller.api import create_app
+        from controller.runtime import _free_port
+
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

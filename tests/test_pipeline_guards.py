@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-import time
 
 import httpx
 import pytest
-import uvicorn
 
-from controller.api import create_app
-from controller.runtime import _free_port, start_controller, stop_controller
-from tests.pipeline_helpers import Probe, pipeline_settings, tiny_requests
+from controller.runtime import start_controller, stop_controller
+from tests.pipeline_helpers import Probe, ServedAPI, pipeline_settings, tiny_requests
 from tests.test_pipeline import _submit
 
 
@@ -53,16 +49,9 @@ def _gauges(text: str, name: str) -> dict[str, float]:
 @pytest.fixture
 def served_api(redis_url, tiny_model_dir, tmp_path):
     settings = pipeline_settings(tmp_path, tiny_model_dir, redis_url, batch_max_size=3)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield settings, f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    api = ServedAPI(settings)
+    yield settings, api.url
+    api.close()
     Probe(settings).cleanup()
 
 

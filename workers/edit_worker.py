@@ -77,8 +77,9 @@ class EditWorker:
             settings.stats_dir, fingerprint,
             StatsCorpus(n_texts=hp.stats_texts, text_tokens=hp.stats_text_tokens, seed=hp.seed),
         )
+        policy = hp.with_overrides(**settings.guard_overrides())  # deployment policy on top of the store's editor
         self.editor = Editor(
-            self.model, self.tokenizer, hp, stats, fingerprint, templates=meta.templates if meta else None
+            self.model, self.tokenizer, policy, stats, fingerprint, templates=meta.templates if meta else None
         )
         self.meta = meta or StoreMeta(
             base_model=fingerprint, algo=hp.algo, hparams=hp.to_dict(), templates=self.editor.state.templates
