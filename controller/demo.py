@@ -100,8 +100,22 @@ async def _reset(settings: Settings) -> None:
         shutil.rmtree(store)
 
 
+async def _tier_answer(api_url: str, request: EditRequest, timeout_s: float = 30) -> tuple[str, float] | None:
+    """The served answer once the retrieval tier holds the edit (seconds after submission), or None."""
+    start = time.monotonic()
+    async with httpx.AsyncClient(timeout=120) as client:
+        while time.monotonic() - start < timeout_s:
+            body = {"prompt": request.text, "max_tokens": 8, "temperature": 0}
+            payload = (await client.post(f"{api_url}/v1/completions", json=body)).json()
+            retrieved = payload.get("editq", {}).get("retrieved", [None])[0]
+            if retrieved and retrieved["edit_id"] == request.edit_id:
+                return payload["choices"][0]["text"].strip(), time.monotonic() - start
+            await asyncio.sleep(0.2)
+    return None
+
+
 async def _stream_and_follow(settings: Settings, requests: list[EditRequest], cfg: DemoConfig,
-                             console: Console) -> dict[str, str]:
+                             console: Console, api_url: str | None = None) -> dict[str, str]:
     """Submit in bursts while showing how many edits are queued, in flight and applied."""
     streams = EditStreams.from_url(settings.redis_url, settings.namespace)
     await streams.ensure_group()
@@ -117,9 +131,17 @@ async def _stream_and_follow(settings: Settings, requests: list[EditRequest], cf
                 if sent < len(requests) and time.monotonic() >= next_burst:
                     for request in requests[sent:sent + cfg.burst]:
                         await streams.submit(request)
+                    first_burst = sent == 0
                     sent = min(len(requests), sent + cfg.burst)
                     next_burst = time.monotonic() + cfg.burst_interval_s
                     bars.update(sent_bar, completed=sent)
+                    if first_burst and api_url and settings.retrieval_enabled:
+                        answer = await _tier_answer(api_url, requests[0])
+                        if answer:
+                            bars.console.print(
+                                f"[cyan]retrieval tier[/]: {answer[1]:.1f} s after submission, while the weights are "
+                                f"still being computed, the replicas answer {requests[0].text!r} -> {answer[0]!r}"
+                            )
                 statuses = await streams.statuses(ids)
                 states = {e: (s.state.value if s else "unknown") for e, s in statuses.items()}
                 terminal = sum(s is not None and s.state.terminal for s in statuses.values())
@@ -164,7 +186,7 @@ def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> None:
         else:
             before = [(greedy(model, tokenizer, r.text), 0) for r in shown]
         start = time.perf_counter()
-        states = asyncio.run(_stream_and_follow(settings, requests, cfg, console))
+        states = asyncio.run(_stream_and_follow(settings, requests, cfg, console, api.url if api else None))
         seconds = time.perf_counter() - start
         status = ray.get(actor.status.remote())
         after = api.ask([r.text for r in shown], min_version=status.live) if api is not None else None
