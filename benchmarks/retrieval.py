@@ -72,10 +72,15 @@ async def _visibility(settings: Settings, reader: RetrievalTier, edits, spacing_
             await asyncio.sleep(0.5)
         weights_s = [(_ms(done[e]) - _ms(s)) / 1000 for e, s in submitted.items()]
     finally:
-        await streams.delete_namespace()
         await streams.close()
     return {"tier_visible_seconds": _stats(tier_s), "weights_committed_seconds": _stats(weights_s),
             "ratio_weights_over_tier_p50": statistics.median(weights_s) / statistics.median(tier_s)}
+
+
+async def _drop_namespace(settings: Settings) -> None:
+    streams = EditStreams.from_url(settings.redis_url, settings.namespace)
+    await streams.delete_namespace()
+    await streams.close()
 
 
 def _query_overhead(tier: RetrievalTier, embedding, tokenizer, edits, sizes: list[int], queries: int) -> list[dict]:
@@ -136,6 +141,7 @@ def main() -> None:
     finally:
         stop_controller(actor, run_ref)
         reader.store.drop()
+        asyncio.run(_drop_namespace(settings))
     print(json.dumps(visibility), flush=True)
     embedding = load_input_embeddings(settings.resolved_model_path())
     tier = RetrievalTier.load(settings=settings)
