@@ -35,10 +35,16 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
+async def _reset(settings: Settings) -> None:
+    streams = EditStreams.from_url(settings.redis_url, settings.namespace)
+    try:
+        await streams.delete_namespace()
+    finally:
+        await streams.close()
+
+
 async def _drive(settings: Settings, requests, rate: float, timeout_s: float) -> dict:
     streams = EditStreams.from_url(settings.redis_url, settings.namespace)
-    await streams.delete_namespace()
-    await streams.ensure_group()
     try:
         submitted: dict[str, str] = {}
         start = time.monotonic()
@@ -95,6 +101,7 @@ def main() -> None:
                 import shutil
 
                 shutil.rmtree(store)
+            asyncio.run(_reset(settings))  # before the controller starts: never delete its stream under it
             actor, run_ref = start_controller(settings)
             while ray.get(actor.status.remote()).state != "running":  # measure the pipeline, not its start-up
                 time.sleep(0.5)

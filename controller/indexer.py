@@ -9,6 +9,7 @@ Unreadable entries are acknowledged here and dead-lettered by the controller, wh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -20,6 +21,7 @@ from workers.retrieval.tier import RetrievalTier
 
 log = logging.getLogger("editq.indexer")
 CONSUMER = "indexer"
+RETRY_S, RETRY_MAX_S = 0.5, 30.0
 
 
 class RetrievalIndexer:
@@ -42,16 +44,25 @@ class RetrievalIndexer:
             return 0
         self._stop = False
         await self.streams.ensure_group(RETRIEVAL_GROUP)
-        pending = True
+        pending, delay = True, RETRY_S
         while not self._stop:
-            entries = await self.streams.read(
-                CONSUMER, 256, None if pending else 500, own_pending=pending, group=RETRIEVAL_GROUP
-            )
-            if pending and not entries:
-                pending = False
-                continue
-            if entries:
-                await self._index(entries)
+            try:
+                entries = await self.streams.read(
+                    CONSUMER, 256, None if pending else 500, own_pending=pending, group=RETRIEVAL_GROUP
+                )
+                if pending and not entries:
+                    pending = False
+                    continue
+                if entries:
+                    await self._index(entries)
+                delay = RETRY_S
+            except Exception as err:  # Redis unreachable, the stream deleted: retry, never die silently
+                log.exception("indexing failed, retrying in %.1f s", delay)
+                await asyncio.sleep(delay)
+                delay = min(RETRY_MAX_S, delay * 2)
+                pending = True  # unacknowledged entries of the failed read come back first
+                with contextlib.suppress(Exception):
+                    await self.streams.recover(err, RETRIEVAL_GROUP)
         return self.indexed
 
     async def _index(self, entries) -> None:
@@ -66,7 +77,6 @@ class RetrievalIndexer:
         await self.streams.ack([e.stream_id for e in entries], group=RETRIEVAL_GROUP)
         self.indexed += len(fresh)
         if fresh:
-            self.metrics.inc("editq_edits_routed", len(fresh), route="retrieval")
             self.metrics.set("editq_retrieval_entries", len(self.tier))
 
     async def retire(self, edit_ids: list[str]) -> int:

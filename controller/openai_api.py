@@ -119,6 +119,8 @@ def build_openai_router(get_router: Callable[[], Router], model_name: str,
                     yield _sse(shape(chunk))
             except Exception as err:  # the status line is sent: report in-band, as vLLM's server does
                 yield _sse({"error": {"message": f"{type(err).__name__}: {err}", "type": "InternalServerError"}})
+            finally:  # also when the client disconnects: stop generating for nobody
+                await rest.aclose()
             yield _sse("[DONE]")
 
         return StreamingResponse(body(), media_type="text/event-stream", headers={VERSION_HEADER: str(first.version)})

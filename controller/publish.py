@@ -3,7 +3,9 @@
 Without a serving tier a committed version is live at once (its edits were recorded ``applied`` in the commit).
 With one, the commit records them ``committed`` and the version is rolled out canary-first (``RolloutManager``):
 
-* ``live``: the edits become ``applied``; edit workers follow the version.
+* ``live``: the edits become ``applied``; edit workers follow the version. Edits the worker's efficacy check found
+  not taking (``VersionManifest.missed_edit_ids``) are ``applied`` with reason ``efficacy`` and stay in the
+  retrieval tier; the others are retired from it.
 * ``rolled_back``: the edits end ``rolled_back`` with the failed gate as reason, and the head returns to the
   version the replicas still serve, so the next batch is computed on the weights that are actually served.
 * ``skipped`` (no replica ready yet, e.g. engines still starting): the rollout is retried; no new batch starts
@@ -15,6 +17,7 @@ A controller restarted while a version was committed but not yet live resumes it
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 
 from controller.pool import EditWorkerPool
@@ -26,6 +29,14 @@ from shared.streams import EditStreams, Finished
 from shared.weight_store import WeightStore
 
 log = logging.getLogger("editq.publish")
+
+
+def count_routes(metrics: Metrics, finished: Sequence[Finished], recorded: int) -> None:
+    """``editq_edits_routed_total``: edits by what serves them at their terminal outcome (weights or the tier)."""
+    if recorded <= 0:
+        return
+    for route, n in Counter(f.outcome.served_by for f in finished if f.outcome.served_by is not None).items():
+        metrics.inc("editq_edits_routed", min(n, recorded), route=route.value)
 
 
 class Publisher:
@@ -51,22 +62,28 @@ class Publisher:
         """The state a commit records: terminal ``applied`` unless a rollout still has to make it live."""
         return EditState.committed if self.rollout is not None else EditState.applied
 
-    async def publish(self, version: int, requests: Sequence[EditRequest]) -> str:
-        """Make a just-committed version live (or roll it back); returns ``live``, ``rolled_back`` or ``pending``."""
+    async def publish(self, version: int, requests: Sequence[EditRequest], missed: Sequence[str] = ()) -> str:
+        """Make a just-committed version live (or roll it back); returns ``live``, ``rolled_back`` or ``pending``.
+        ``missed``: edits of the version that did not take (they stay in the retrieval tier)."""
+        ids = [r.edit_id for r in requests]
+        taken = [e for e in ids if e not in set(missed)]
         if self.rollout is None:
             await self.streams.set_live(version)
             await self.streams.set_version_status(version, "live")
             self.metrics.set("editq_live_version", version)
-            await self._retire([r.edit_id for r in requests])
+            await self._retire(taken)
             await self._follow(version)
             return "live"
-        result = await self.rollout.deploy(version, probes_from_requests(requests))
-        ids = [r.edit_id for r in requests]
+        # Probe only the edits that took on the worker: the canary must reproduce the update, and the edits the
+        # efficacy check found weak are answered by the tier, not by these weights.
+        result = await self.rollout.deploy(version, probes_from_requests([r for r in requests if r.edit_id in taken]))
         if result.status == "live":
-            recorded = await self._finish(ids, EditState.applied, version)
+            recorded = await self._finish(taken, EditState.applied, version)
+            if missed:
+                recorded += await self._finish_missed(missed, version)
             self.metrics.inc("editq_outcomes", recorded, state=EditState.applied.value)
             self.pending = None
-            await self._retire(ids)
+            await self._retire(taken)
             await self._follow(version)
             return "live"
         if result.status == "rolled_back":
@@ -93,12 +110,26 @@ class Publisher:
         manifest = self.store.manifest(head)
         requests = await self.streams.requests(manifest.edit_ids)
         ordered = [requests[e] for e in manifest.edit_ids if e in requests]
-        return await self.publish(head, ordered)
+        return await self.publish(head, ordered, manifest.missed_edit_ids)
 
     @property
     def route_for_rest(self) -> Route | None:
         """Who serves an edit the weights did not take: the retrieval tier when there is one."""
         return Route.retrieval if self.retire is not None else None
+
+    def missed_outcome(self, edit_id: str, version: int, stream_id: str | None = None) -> EditOutcome:
+        """``applied`` (the version holds the update) but the edit did not take: the tier keeps answering it."""
+        return EditOutcome(
+            edit_id=edit_id, state=EditState.applied, version=version, reason_code=ReasonCode.efficacy,
+            reason=self.retrieval_note("the update did not make this edit take on its own prompt (efficacy check)"),
+            served_by=self.route_for_rest or Route.weights, stream_id=stream_id,
+        )
+
+    async def _finish_missed(self, edit_ids: Sequence[str], version: int) -> int:
+        finished = [Finished(self.missed_outcome(e, version), None) for e in edit_ids]
+        recorded = await self.streams.finish(finished)
+        count_routes(self.metrics, finished, recorded)
+        return recorded
 
     def retrieval_note(self, reason: str) -> str:
         return f"{reason}; the retrieval tier keeps serving it" if self.retire is not None else reason
@@ -113,7 +144,9 @@ class Publisher:
                                  served_by=served), None)
             for e in edit_ids
         ]
-        return await self.streams.finish(finished)
+        recorded = await self.streams.finish(finished)
+        count_routes(self.metrics, finished, recorded)
+        return recorded
 
     async def _retire(self, edit_ids: list[str]) -> None:
         """Live in the weights: the tier entries go (a failure leaves them, harmless: they say the same)."""

@@ -91,8 +91,19 @@ class RayReplicaClient:
         return await self._call(self.handle.generate.remote(request), self.settings.serving_request_timeout_s)
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
-        async for ref in self.handle.generate_stream.options(num_returns="streaming").remote(request):
-            yield await ref
+        """Chunks as the replica makes them. A caller that stops reading (an HTTP client gone mid-stream) cancels
+        the actor task, whose asyncio cancellation makes vLLM abort the request and free its engine slot."""
+        import ray
+
+        generator = self.handle.generate_stream.options(num_returns="streaming").remote(request)
+        finished = False
+        try:
+            async for ref in generator:
+                yield await ref
+            finished = True
+        finally:
+            if not finished:
+                ray.cancel(generator)
 
     async def score(self, request: ScoreRequest) -> ScoreResult:
         return await self._call(self.handle.score.remote(request), self.settings.serving_request_timeout_s)

@@ -10,6 +10,7 @@ head pointer and the XACKs together), guarded by the head it was computed on, so
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 from controller.batching import Batcher
 from controller.janitor import dead_letter_if_poison, sweep
 from controller.pool import EditWorkerPool
-from controller.publish import Publisher
+from controller.publish import Publisher, count_routes
 from controller.verdicts import StaleHeadError, Verdicts, describe, is_out_of_memory, retryable
 from shared.jobs import WorkerInfo
 from shared.metrics import Metrics, default_metrics
@@ -33,6 +34,7 @@ from workers.guards import GuardRejection
 
 log = logging.getLogger("editq.controller")
 CONSUMER = "controller"
+LOOP_RETRY_S, LOOP_RETRY_MAX_S = 0.5, 30.0  # backoff of the consume loop after an infrastructure error
 
 
 class ControllerStatus(BaseModel):
@@ -76,14 +78,24 @@ class Controller:
         self._stop = False
         await self._start()
         self._state = "running"
+        delay = LOOP_RETRY_S
         while not self._stop:
             try:
                 await self._step()
+                delay = LOOP_RETRY_S
             except StaleHeadError as err:
                 self._last_error = str(err)
                 log.error("%s: stopping", err)
                 self._state = "stale"
                 break
+            except Exception as err:  # Redis unreachable, the stream deleted: report and retry, never die silently
+                self._last_error = describe(err)
+                self._state = "retrying"
+                log.exception("controller step failed, retrying in %.1f s", delay)
+                await asyncio.sleep(delay)
+                delay = min(LOOP_RETRY_MAX_S, delay * 2)
+                with contextlib.suppress(Exception):
+                    await self.streams.recover(err)
         if self._state in ("running", "waiting for replicas"):
             self._state = "stopped"
         return await self.status()
@@ -307,12 +319,18 @@ class Controller:
             version, head, meta.base_model, result.edit_ids, meta.algo, result.deltas, result.checksums,
             hparams=meta.hparams,
             metrics={**result.metrics, **{f"seconds_{k}": v for k, v in result.seconds.items()}},
+            missed_edit_ids=result.missed_edit_ids,
         )
         self.store.put(manifest, result.deltas, result.aux)
-        state = self.publisher.commit_state
+        state, missed = self.publisher.commit_state, set(result.missed_edit_ids)
         finished = [
-            Finished(EditOutcome(edit_id=e.edit_id, state=state, version=version, stream_id=e.stream_id,
-                                 served_by=Route.weights if state == EditState.applied else None), e.stream_id)
+            Finished(
+                self.publisher.missed_outcome(e.edit_id, version, e.stream_id)
+                if state == EditState.applied and e.edit_id in missed
+                else EditOutcome(edit_id=e.edit_id, state=state, version=version, stream_id=e.stream_id,
+                                 served_by=Route.weights if state == EditState.applied else None),
+                e.stream_id,
+            )
             for e in entries
         ]
         fields = {
@@ -326,6 +344,7 @@ class Controller:
         self._counts["applied"] += recorded
         if state == EditState.applied:
             self.metrics.inc("editq_outcomes", recorded, state=state.value)
+            count_routes(self.metrics, finished, recorded)
         self.metrics.observe("editq_batch_duration_seconds", compute_s, stage="compute")
         self.metrics.observe("editq_delta_bytes", sum(d.nbytes for d in result.deltas))
         self.metrics.set("editq_weight_version", version)
@@ -333,8 +352,11 @@ class Controller:
         for e in entries:
             self.metrics.observe("editq_edit_latency_seconds", (now - e.request.created_at).total_seconds())
         log.info("committed version %d with %d edits in %.1f s", version, len(entries), compute_s)
+        if missed:
+            log.warning("version %d: %d of %d edits did not take on their own prompt", version, len(missed),
+                        len(entries))
         try:  # failures after the commit never undo it: a pending rollout is resumed by the loop
-            await self.publisher.publish(version, requests)
+            await self.publisher.publish(version, requests, result.missed_edit_ids)
         except Exception as err:
             log.exception("publishing version %d failed: %s", version, err)
 

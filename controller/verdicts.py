@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from controller.publish import Publisher
+from controller.publish import Publisher, count_routes
 from shared.metrics import Metrics
 from shared.outcomes import EditOutcome, EditState, ReasonCode
 from shared.settings import Settings
@@ -78,6 +78,7 @@ class Verdicts:
                                   stream_id=e.stream_id, served_by=self.publisher.route_for_rest)
             finished.append(Finished(outcome, e.stream_id))
         recorded = await self.streams.finish(finished)
+        count_routes(self.metrics, finished, recorded)
         self.metrics.inc("editq_outcomes", recorded, state=EditState.rejected.value)
         log.warning("%d edits not written into the weights (%s)", len(entries), code.value)
 
@@ -99,6 +100,8 @@ class Verdicts:
             reason=self.publisher.retrieval_note(reason), stream_id=entry.stream_id,
             served_by=self.publisher.route_for_rest,
         )
-        recorded = await self.streams.finish([Finished(outcome, entry.stream_id)])
+        finished = [Finished(outcome, entry.stream_id)]
+        recorded = await self.streams.finish(finished)
+        count_routes(self.metrics, finished, recorded)
         self.metrics.inc("editq_outcomes", recorded, state=EditState.failed.value)
         return recorded

@@ -84,3 +84,5 @@ class EditResult(BaseModel):
     v_nll: list[float]
     seconds: dict[str, float]
     metrics: dict[str, float] = Field(default_factory=dict)
+    # edits whose update did not make them take on their own prompt (empty when the check is off)
+    missed_edit_ids: list[str] = Field(default_factory=list)

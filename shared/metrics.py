@@ -78,7 +78,8 @@ SPECS: dict[str, MetricSpec] = {
         MetricSpec("editq_retrieval_lookups", Kind.counter, "Retrieval lookups by result.", ("result",)),
         MetricSpec("editq_retrieval_latency_seconds", Kind.histogram, "Query-side retrieval time.",
                    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)),
-        MetricSpec("editq_edits_routed", Kind.counter, "Edits by route (weights, retrieval).", ("route",)),
+        MetricSpec("editq_edits_routed", Kind.counter,
+                   "Edits by what serves them at their terminal outcome (weights, retrieval).", ("route",)),
     ]
 }
 

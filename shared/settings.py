@@ -89,6 +89,10 @@ class Settings(BaseSettings):
     guard_min_efficacy: float | None = Field(
         default=None, ge=0, le=1, description="Override the batch efficacy below which the guard rejects a batch."
     )
+    efficacy_check: bool = Field(
+        default=True, description="After each update, check every edit on its own prompt (one forward pass); an edit "
+        "that did not take stays in the retrieval tier with reason efficacy instead of being retired.",
+    )
     collapse_eval_every: int = Field(
         default=1, ge=1, description="Compute the model-level collapse metrics (canary perplexity, control facts, "
         "retention) every N versions; the per-matrix spectral metrics are computed for every version.",

@@ -191,6 +191,12 @@ class EditStreams:
             if "BUSYGROUP" not in str(err):
                 raise
 
+    async def recover(self, err: Exception, group: str = GROUP) -> None:
+        """After a failed read: re-create the group if the stream or group vanished (``NOGROUP``: e.g. the key
+        was deleted or Redis restarted without persistence); other errors (a connection blip) just need a retry."""
+        if isinstance(err, ResponseError) and "NOGROUP" in str(err):
+            await self.ensure_group(group)
+
     # ---- the door ---------------------------------------------------------------------------------------------
     async def submit(self, request: EditRequest) -> SubmitResult:
         """Queue a validated edit once; an ``edit_id`` seen before is answered with its current state."""

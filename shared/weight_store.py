@@ -53,6 +53,11 @@ class VersionManifest(BaseModel):
     hparams: dict = Field(default_factory=dict)
     matrices: list[MatrixEntry]
     metrics: dict[str, float] = Field(default_factory=dict)
+    missed_edit_ids: list[str] = Field(
+        default_factory=list,
+        description="Edits written into this version that did not take on their own prompt (efficacy check); the "
+        "retrieval tier keeps serving them.",
+    )
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     delta_sha256: str = ""
 
@@ -73,6 +78,7 @@ def build_manifest(
     result_sha256: Mapping[str, str],
     hparams: dict | None = None,
     metrics: dict[str, float] | None = None,
+    missed_edit_ids: list[str] | None = None,
 ) -> VersionManifest:
     entries = [
         MatrixEntry(
@@ -83,7 +89,7 @@ def build_manifest(
     ]
     return VersionManifest(
         version=version, parent=parent, base_model=base_model, edit_ids=edit_ids, algo=algo,
-        hparams=hparams or {}, matrices=entries, metrics=metrics or {},
+        hparams=hparams or {}, matrices=entries, metrics=metrics or {}, missed_edit_ids=missed_edit_ids or [],
     )
 
 

@@ -187,3 +187,33 @@ def test_out_of_memory_batch_is_split_to_isolate_the_edit_that_cannot_fit(
     failed = next(o for o in probe.outcomes() if o.edit_id == "too-long")
     assert failed.reason_code == "out_of_memory" and "EDITQ_WORKER_MAX_BATCH_TOKENS" in failed.reason
     _assert_exactly_once(probe, [r.edit_id for r in requests])
+
+
+def test_the_consume_loop_survives_its_stream_vanishing(
+    ray_session, redis_url, tiny_model_dir, tmp_path, probe_factory
+) -> None:
+    """An infrastructure error (here the edit stream deleted under the running controller, so its reads fail with
+    NOGROUP) is reported and retried, not allowed to end the loop silently: later edits are still applied."""
+    settings = pipeline_settings(tmp_path, tiny_model_dir, redis_url)
+    probe = probe_factory(settings)
+    first, later = tiny_requests(2), tiny_requests(2, offset=2)
+    _submit(settings, first)
+    actor, run_ref = start_controller(settings)
+    try:
+        assert set(probe.wait_terminal([r.edit_id for r in first]).values()) == {"applied"}
+        probe.redis.delete(f"{probe.tag}:edits")  # the stream and both consumer groups are gone
+
+        async def submit_without_group():  # the door re-creates the stream, not the groups
+            streams = EditStreams.from_url(settings.redis_url, settings.namespace)
+            try:
+                return [await streams.submit(r) for r in later]
+            finally:
+                await streams.close()
+
+        asyncio.run(submit_without_group())
+        states = probe.wait_terminal([r.edit_id for r in later], timeout_s=120)
+        status = ray.get(actor.status.remote())
+    finally:
+        stop_controller(actor, run_ref)
+    assert set(states.values()) == {"applied"}
+    assert status.state == "running" and "NOGROUP" in (status.last_error or "")

@@ -11,7 +11,7 @@ import pytest
 from controller.publish import Publisher
 from controller.rollout import RolloutResult
 from shared.metrics import MemoryMetrics
-from shared.outcomes import EditOutcome, EditState
+from shared.outcomes import EditOutcome, EditState, ReasonCode, Route
 from shared.schemas import EditRequest
 from shared.streams import EditStreams, Finished
 from shared.weight_store import LocalWeightStore
@@ -41,12 +41,12 @@ REQUESTS = [EditRequest(edit_id=f"p{i}", subject="France", prompt=f"The capital 
             for i in range(2)]
 
 
-def _run(redis_url, tmp_path, rollout: StubRollout, steps):
+def _run(redis_url, tmp_path, rollout: StubRollout, steps, retire=None, metrics=None):
     async def go():
         streams = EditStreams.from_url(redis_url, f"test-{uuid.uuid4().hex[:10]}")
         pool = StubPool()
         store = LocalWeightStore(tmp_path)
-        publisher = Publisher(streams, pool, store, MemoryMetrics(), rollout)
+        publisher = Publisher(streams, pool, store, metrics or MemoryMetrics(), rollout, retire)
         try:
             await streams.ensure_group()
             for r in REQUESTS:
@@ -99,3 +99,45 @@ def test_a_skipped_rollout_waits_and_resumes(redis_url, tmp_path, later) -> None
     assert rollout.deployed == [(1, 2), (1, 2)]  # the resumed rollout probes the same edits, read back from Redis
     expected = {"live": "applied", "rolled_back": "rolled_back"}[later]
     assert len(outcomes) == 2 and {s.state.value for s in states.values()} == {expected}
+
+
+class TierStub:
+    def __init__(self) -> None:
+        self.retired: list[str] = []
+
+    async def __call__(self, edit_ids: list[str]) -> int:
+        self.retired.extend(edit_ids)
+        return len(edit_ids)
+
+
+def test_an_edit_that_did_not_take_stays_in_the_tier_with_reason_efficacy(redis_url, tmp_path) -> None:
+    tier, metrics, rollout = TierStub(), MemoryMetrics(), StubRollout("live")
+    results, states, outcomes, _, _ = _run(
+        redis_url, tmp_path, rollout, [lambda p: p.publish(1, REQUESTS, missed=["p1"])], tier, metrics
+    )
+    assert results == ["live"] and tier.retired == ["p0"]  # only the edit that took leaves the tier
+    assert rollout.deployed == [(1, 1)]  # and only it is probed on the canary
+    assert states["p0"].state == EditState.applied and states["p0"].served_by == Route.weights
+    assert states["p0"].reason_code is None
+    missed = states["p1"]
+    assert missed.state == EditState.applied and missed.version == 1
+    assert missed.reason_code == ReasonCode.efficacy and missed.served_by == Route.retrieval
+    assert "retrieval tier keeps serving it" in missed.reason
+    assert len(outcomes) == 2
+    assert metrics.get("editq_edits_routed", route="weights") == 1
+    assert metrics.get("editq_edits_routed", route="retrieval") == 1
+
+
+def test_a_resumed_rollout_keeps_the_missed_edits_from_the_manifest(redis_url, tmp_path) -> None:
+    (tmp_path / "v00000001").mkdir()
+    (tmp_path / "v00000001" / "manifest.json").write_text(
+        '{"version": 1, "parent": 0, "base_model": "m", "edit_ids": ["p0", "p1"], "algo": "memit", "matrices": [],'
+        ' "missed_edit_ids": ["p0"]}'
+    )
+    tier = TierStub()
+    results, states, _, _, _ = _run(
+        redis_url, tmp_path, StubRollout("skipped", "live"),
+        [lambda p: p.publish(1, REQUESTS, missed=["p0"]), lambda p: p.resume()], tier,
+    )
+    assert results == ["pending", "live"] and tier.retired == ["p1"]
+    assert states["p0"].reason_code == ReasonCode.efficacy and states["p1"].reason_code is None

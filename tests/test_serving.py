@@ -272,6 +272,30 @@ def test_drain_timeout_aborts_in_flight_requests_and_the_swap_completes(serving:
     assert back.ok and serving.run(replica.status()).version == EDITED
 
 
+def test_a_stream_its_client_drops_stops_generating_on_the_replica(serving: Serving, rolled_out) -> None:
+    """Closing a stream after two chunks (what an HTTP client disconnect does to the SSE body) cancels the actor
+    task and vLLM aborts the request: it leaves the replica without being counted as served (a request that ran
+    to its 400 tokens would be)."""
+    replica = serving.clients[0]
+
+    async def go():
+        served_before = (await replica.status()).served
+        stream = replica.stream(GenerateRequest(
+            prompt="Write a long story.", max_tokens=400, temperature=0.0, ignore_eos=True))
+        chunks = [await stream.__anext__(), await stream.__anext__()]
+        busy = (await replica.status()).in_flight
+        await stream.aclose()
+        deadline = time.monotonic() + 60
+        while (status := await replica.status()).in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return chunks, busy, status, served_before
+
+    chunks, busy, status, served_before = serving.run(go())
+    assert len(chunks) == 2 and chunks[-1].finish_reason is None and busy == 1
+    assert status.in_flight == 0
+    assert status.served == served_before, "the dropped stream ran to completion instead of being aborted"
+
+
 def test_replica_killed_mid_swap_rejoins_at_the_live_version(serving: Serving, rolled_out) -> None:
     victim = serving.clients[1]
     before = serving.run(victim.status())

@@ -31,6 +31,7 @@ from workers.evaluation.collapse import RetentionSample, load_control_facts, mod
 from workers.evaluation.runner import resolve_hparams
 from workers.guards import GuardRejection
 from workers.guards.collapse import matrix_health
+from workers.guards.policy import edit_success
 from workers.model_io import load_model, model_fingerprint
 
 log = logging.getLogger("editq.worker")
@@ -90,6 +91,7 @@ class EditWorker:
         # Model-level collapse metrics cost a few forward passes: every N versions (Settings.collapse_eval_every).
         self.collapse_every = settings.collapse_eval_every
         self.max_batch_tokens = settings.worker_max_batch_tokens
+        self.efficacy_check = settings.efficacy_check
         self.control_facts = load_control_facts(model_path.name)
         self.retention = RetentionSample(capacity=64, seed=hp.seed)
 
@@ -189,6 +191,7 @@ class EditWorker:
         for shard in job.shards or []:
             for key, value in shard.seconds.items():
                 seconds[f"shard_{key}"] = max(seconds.get(f"shard_{key}", 0.0), value)
+        missed = self.missed_edits(result, job.requests, seconds)
         metrics_start = time.perf_counter()
         metrics = self.collapse_metrics(result, job.requests, job.version)
         seconds["collapse_metrics"] = time.perf_counter() - metrics_start
@@ -196,8 +199,24 @@ class EditWorker:
         return EditResult(
             version=job.version, parent=job.parent, edit_ids=result.edit_ids, deltas=result.deltas,
             aux=_keys_aux(result.edited_keys), checksums=checksums, v_nll=result.v_nll, seconds=seconds,
-            metrics=metrics,
+            metrics=metrics, missed_edit_ids=missed,
         )
+
+    def missed_edits(self, result: BatchResult, requests: list[EditRequest], seconds: dict[str, float]) -> list[str]:
+        """Edits the applied update did not make take on their own prompt (the guard's scores when it measured
+        them, else one forward pass). A failed check is logged and treated as all taken: never costs the batch."""
+        if not self.efficacy_check:
+            return []
+        start = time.perf_counter()
+        try:
+            success = result.per_edit_success
+            if success is None:
+                success = edit_success(self.model, self.tokenizer, requests).tolist()
+        except Exception as err:
+            log.warning("worker %d: efficacy check failed: %s", self.index, err)
+            return []
+        seconds["efficacy_check"] = time.perf_counter() - start
+        return [edit_id for edit_id, ok in zip(result.edit_ids, success, strict=True) if ok < 0.5]
 
     def collapse_metrics(self, result: BatchResult, requests: list[EditRequest], version: int) -> dict[str, float]:
         """Per-matrix signals every version; model-level ones (perplexity, control facts, retention of earlier

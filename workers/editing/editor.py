@@ -47,6 +47,7 @@ class BatchResult:
     seconds: dict[str, float] = field(default_factory=dict)  # keys / values / solve / guard
     filtered_energy: dict[int, float] = field(default_factory=dict)  # REVIVE: share of each update removed
     guard_efficacy: float | None = None  # share of the batch's edits that take after the guard
+    per_edit_success: list[float] | None = None  # 1.0 per edit that takes on its own prompt (when the guard checked)
     diagnostics: dict[str, float] = field(default_factory=dict)  # algorithm details, e.g. AlphaEdit+ choices
 
 
@@ -57,6 +58,7 @@ class _Solved:
     keys_after: dict[int, torch.Tensor] = field(default_factory=dict)
     filtered_energy: dict[int, float] = field(default_factory=dict)
     efficacy: float | None = None
+    per_edit_success: list[float] | None = None
     diagnostics: dict[str, float] = field(default_factory=dict)
 
 
@@ -256,7 +258,8 @@ class Editor:
         self.state.n_batches += 1
         return BatchResult(
             solved.ids, list(self.hparams.layers), solved.deltas, solved.keys_after, values.targets,
-            values.nll.tolist(), values.steps, seconds, solved.filtered_energy, solved.efficacy, solved.diagnostics,
+            values.nll.tolist(), values.steps, seconds, solved.filtered_energy, solved.efficacy,
+            solved.per_edit_success, solved.diagnostics,
         )
 
     def _solve_layers(
@@ -284,6 +287,7 @@ class Editor:
         if self.guard is not None:
             scores = self._timed(seconds, "guard", lambda: edit_success(model, self.tokenizer, requests))
             out.efficacy = float(scores.mean())
+            out.per_edit_success = scores.tolist()
             check_batch(scores, hp, out.ids, out.filtered_energy)
         keys_after, _ = self._timed(seconds, "keys", lambda: self._read(requests, hp.layers, None))
         out.keys_after = {layer: keys_after[layer].T.float().cpu().contiguous() for layer in hp.layers}
