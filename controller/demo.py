@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import httpx
@@ -25,7 +26,7 @@ from rich.table import Table
 
 from controller.api import create_app
 from controller.runtime import _free_port, ensure_redis, init_ray, start_controller, stop_controller
-from shared.outcomes import EditState
+from shared.outcomes import EditState, EditStatus
 from shared.schemas import EditRequest
 from shared.settings import Settings
 from shared.streams import EditStreams
@@ -115,7 +116,7 @@ async def _tier_answer(api_url: str, request: EditRequest, timeout_s: float = 30
 
 
 async def _stream_and_follow(settings: Settings, requests: list[EditRequest], cfg: DemoConfig,
-                             console: Console, api_url: str | None = None) -> dict[str, str]:
+                             console: Console, api_url: str | None = None) -> dict[str, EditStatus | None]:
     """Submit in bursts while showing how many edits are queued, in flight and applied."""
     streams = EditStreams.from_url(settings.redis_url, settings.namespace)
     await streams.ensure_group()
@@ -150,7 +151,7 @@ async def _stream_and_follow(settings: Settings, requests: list[EditRequest], cf
                 bars.update(done_bar, completed=applied,
                             note=f"head v{await streams.head()}, {flying} in flight, {terminal - applied} not applied")
                 if sent == len(requests) and terminal == len(requests):
-                    return states
+                    return statuses
                 await asyncio.sleep(0.5)
         raise TimeoutError(f"edits not finished after {cfg.timeout_s:.0f} s")
     finally:
@@ -186,7 +187,7 @@ def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> None:
         else:
             before = [(greedy(model, tokenizer, r.text), 0) for r in shown]
         start = time.perf_counter()
-        states = asyncio.run(_stream_and_follow(settings, requests, cfg, console, api.url if api else None))
+        finals = asyncio.run(_stream_and_follow(settings, requests, cfg, console, api.url if api else None))
         seconds = time.perf_counter() - start
         status = ray.get(actor.status.remote())
         after = api.ask([r.text for r in shown], min_version=status.live) if api is not None else None
@@ -221,7 +222,10 @@ def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> None:
     for key in ("efficacy", "generalization", "specificity"):
         metrics.add_row(key, f"{getattr(pre, key):.2f}", f"{getattr(post, key):.2f}")
     console.print(metrics)
-    counts = {s: list(states.values()).count(s) for s in sorted(set(states.values()))}
-    console.print(f"outcomes: {counts}; {len(requests) / seconds:.2f} edits/s end to end; "
+    counts = Counter(s.state.value for s in finals.values() if s)
+    served = Counter(f"{s.served_by.value}" + (f" ({s.reason_code.value})" if s.reason_code else "")
+                     for s in finals.values() if s and s.served_by)
+    console.print(f"outcomes: {dict(sorted(counts.items()))}; served by: {dict(sorted(served.items()))}; "
+                  f"{len(requests) / seconds:.2f} edits/s end to end; "
                   f"follow any edit with `editq status <edit_id>` (EDITQ_NAMESPACE={DEMO_NAMESPACE})")
     redis.stop()

