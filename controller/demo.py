@@ -139,9 +139,13 @@ async def _stream_and_follow(settings: Settings, requests: list[EditRequest], cf
                     if first_burst and api_url and settings.retrieval_enabled:
                         answer = await _tier_answer(api_url, requests[0])
                         if answer:
+                            hit = requests[0].target_new.lower() in answer[0].lower()
+                            verdict = ("[green]the new target[/]" if hit else "[yellow]not yet the new target[/] "
+                                       "(the shipped RECIPE heads reach it on ~2/3 of edits; the weights follow)")
                             bars.console.print(
                                 f"[cyan]retrieval tier[/]: {answer[1]:.1f} s after submission, while the weights are "
-                                f"still being computed, the replicas answer {requests[0].text!r} -> {answer[0]!r}"
+                                f"still being computed, the replicas retrieve {requests[0].edit_id} and answer "
+                                f"{requests[0].text!r} -> {answer[0]!r}: {verdict} {requests[0].target_new!r}"
                             )
                 statuses = await streams.statuses(ids)
                 states = {e: (s.state.value if s else "unknown") for e, s in statuses.items()}
