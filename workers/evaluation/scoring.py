@@ -15,6 +15,20 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from workers.editing.tokens import chunks_by_tokens, pad_right, target_token_ids
 
 
+def span_logprobs(
+    head: torch.nn.Module, hidden: torch.Tensor, group: Sequence[int], spans: Sequence[range],
+    targets: Sequence[Sequence[int]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher-forced target tokens of the rows ``group`` of a batch: for every target token its log-probability
+    and the argmax token at its position, and which batch row it belongs to (all flat, in order)."""
+    device = hidden.device
+    r_idx = torch.tensor([j for j, i in enumerate(group) for _ in spans[i]], device=device)
+    p_idx = torch.tensor([p for i in group for p in spans[i]], device=device)
+    t_ids = torch.tensor([t for i in group for t in targets[i]], device=device)
+    logp = torch.log_softmax(head(hidden[r_idx, p_idx]).float(), dim=-1)
+    return logp.gather(1, t_ids[:, None]).squeeze(1), logp.argmax(-1), r_idx
+
+
 def _score(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -38,12 +52,10 @@ def _score(
         hidden = model.base_model(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
         ).last_hidden_state
-        r_idx = torch.tensor([j for j, i in enumerate(group) for _ in spans[i]], device=device)
-        p_idx = torch.tensor([p for i in group for p in spans[i]], device=device)
+        tok_logp, top, r_idx = span_logprobs(head, hidden, group, spans, targets)
+        tok_nll = -tok_logp
         t_ids = torch.tensor([t for i in group for t in targets[i]], device=device)
-        logp = torch.log_softmax(head(hidden[r_idx, p_idx]).float(), dim=-1)
-        tok_nll = -logp.gather(1, t_ids[:, None]).squeeze(1)
-        hit = (logp.argmax(-1) == t_ids).float()
+        hit = (top == t_ids).float()
         n = len(group)
         counts = torch.zeros(n, device=device).index_add_(0, r_idx, torch.ones_like(tok_nll))
         sums = torch.zeros(n, device=device).index_add_(0, r_idx, tok_nll) / counts

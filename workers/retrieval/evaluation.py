@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from shared.schemas import EditRequest
 from workers.editing.tokens import chunks_by_tokens, target_token_ids
+from workers.evaluation.scoring import span_logprobs
 from workers.retrieval.encoder import SentenceEncoder
 from workers.retrieval.index import KnowledgeIndex
 from workers.retrieval.injection import embed_prompted
@@ -66,7 +67,6 @@ def score_items(
     the position that predicts the candidate's first token (the model's next-token answer)."""
     embedding = model.get_input_embeddings()
     head = model.get_output_embeddings()
-    device = embedding.weight.device
     rows, spans, targets = [], [], []
     for text, candidate, pid in items:
         ids = tokenizer(text)["input_ids"]
@@ -85,12 +85,9 @@ def score_items(
         hidden = model.base_model(
             inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, use_cache=False
         ).last_hidden_state
-        r_idx = torch.tensor([j for j, i in enumerate(group) for _ in spans[i]], device=device)
-        p_idx = torch.tensor([p for i in group for p in spans[i]], device=device)
-        t_ids = torch.tensor([t for i in group for t in targets[i]], device=device)
-        logp = torch.log_softmax(head(hidden[r_idx, p_idx]).float(), dim=-1)
-        tok_nll = (-logp.gather(1, t_ids[:, None]).squeeze(1)).tolist()
-        arg = logp.argmax(-1).tolist()
+        tok_logp, argmax, _ = span_logprobs(head, hidden, group, spans, targets)
+        tok_nll = (-tok_logp).tolist()
+        arg = argmax.tolist()
         k = 0
         for i in group:
             n = len(targets[i])
