@@ -8,9 +8,10 @@ STAMP  := $(VENV)/.editq-installed
 EXTRA  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 PYTEST_ARGS ?=
 
-.PHONY: setup models test test-fast demo lint bench clean-venv
+.PHONY: setup models stats test test-fast demo lint bench clean-venv
 
-setup: $(STAMP) models
+# setup prepares everything the first edit needs: the venv, the models, the key statistics.
+setup: $(STAMP) models stats
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -25,6 +26,11 @@ $(STAMP): pyproject.toml
 
 models: $(STAMP)
 	$(VENV)/bin/editq models fetch
+
+# Second moments of the default model's edited layers, from the text shipped for it (minutes on a CPU, once);
+# instant when cached in the stats dir under EDITQ_HOME (default ~/.cache/editq).
+stats: models
+	$(VENV)/bin/editq stats
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -1,4 +1,4 @@
-"""``editq`` command line: fetch models, evaluate editors, run the demo."""
+"""``editq`` command line: fetch models, prepare statistics, evaluate editors, run the demo."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from controller.pipeline_cli import register as register_pipeline_commands
 from controller.progress import stage_progress
 from controller.query_cli import query
 from controller.retrieval_cli import retrieval_app
+from controller.stats_cli import stats
 
 app = typer.Typer(help="editq: keep a served LLM's facts correct while it serves.", no_args_is_help=True)
 models_app = typer.Typer(help="Offline model and encoder assets.", no_args_is_help=True)
@@ -68,7 +69,7 @@ def evaluate(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics here.")] = None,
     limit: Annotated[int, typer.Option(min=1, help="Edit the first N records.")] = 200,
     batch_size: Annotated[int, typer.Option(min=1, help="Edits per sequential batch.")] = 50,
-    algo: Annotated[str, typer.Option(help="memit, alphaedit or alphaedit_plus.")] = "alphaedit",
+    algo: Annotated[str, typer.Option(help="memit, alphaedit, alphaedit_plus or ultraedit.")] = "alphaedit",
     stats_corpus: Annotated[
         Path | None, typer.Option(help="Text for the key statistics (.txt or .jsonl); default: self-sampled.")
     ] = None,
@@ -128,6 +129,7 @@ def demo(
 ) -> None:
     """The whole system on this machine: stream CounterFact edits, serve them from vLLM replicas, show before/after."""
     from controller.demo import DemoConfig, run_demo
+    from controller.demo_wait import StartupError
     from controller.runtime import RedisUnavailableError
 
     if os.environ.get("EDITQ_DEMO_EDITS"):
@@ -137,10 +139,13 @@ def demo(
         run_demo(settings_with(home, model), cfg, console)
     except RedisUnavailableError as err:
         fail(str(err))
+    except StartupError as err:
+        fail(str(err), code=1)
 
 
 register_pipeline_commands(app)
 app.command("query")(query)
+app.command("stats")(stats)
 
 if __name__ == "__main__":
     app()

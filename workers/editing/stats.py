@@ -5,6 +5,11 @@ The reference code reads 100k Wikipedia texts from a hub; nothing may be downloa
 text sampled from the model itself (a fixed seed makes it reproducible). It approximates the model's own
 distribution of activations; it is narrower than Wikipedia, which in the AlphaEdit paper's ablation mostly costs
 specificity. A user corpus (txt: one text per paragraph; jsonl: a "text" field) can replace it.
+
+Sampling is most of a fresh machine's first-run cost (about 10 minutes on a CPU core for 512 x 128 tokens), so the
+sampled text of the default model ships with editq (``workers/editing/corpora``): it is used only for that exact
+model fingerprint and corpus id, and equals what the sampler gives there, so the statistics and their cache key are
+the same either way.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from workers.editing import corpora
 from workers.editing.hooks import capture, run_until_stopped
 from workers.editing.layout import ModelLayout
 from workers.editing.tokens import chunks_by_tokens, pad_right
@@ -144,6 +150,7 @@ class SecondMomentCache:
 
     def __init__(self, root: Path, model_fingerprint: str, corpus: StatsCorpus) -> None:
         self.corpus = corpus
+        self.fingerprint = model_fingerprint
         self.dir = Path(root) / model_fingerprint / corpus.corpus_id
         self._memory: dict[int, torch.Tensor] = {}
 
@@ -152,6 +159,17 @@ class SecondMomentCache:
 
     def missing(self, layout: ModelLayout, layers: Sequence[int]) -> list[int]:
         return [layer for layer in layers if layer not in self._memory and not self._file(layout, layer).exists()]
+
+    def text_source(self) -> str:
+        """Where the text for missing statistics would come from (for people: what a first run will cost)."""
+        if self.corpus.path is not None:
+            return f"corpus file {self.corpus.path}"
+        if (self.dir / "texts.jsonl").exists():
+            return "text sampled earlier (cached)"
+        shipped = corpora.find(self.fingerprint, self.corpus.corpus_id)
+        if shipped is not None:
+            return f"text shipped with editq ({shipped.file})"
+        return f"text sampled from the model now ({self.corpus.n_texts} x {self.corpus.text_tokens} tokens)"
 
     def get(
         self,
@@ -188,6 +206,12 @@ class SecondMomentCache:
         cached = self.dir / "texts.jsonl"
         if cached.exists():
             return [json.loads(line)["text"] for line in cached.read_text().splitlines() if line]
+        shipped = corpora.find(self.fingerprint, self.corpus.corpus_id)
+        if shipped is not None:  # what sample_texts gave for this very model and corpus id: no need to sample
+            texts = shipped.texts()
+            if progress:
+                progress("shipped text", len(texts), len(texts))
+            return texts
         texts = sample_texts(
             model, tokenizer, self.corpus.n_texts, self.corpus.text_tokens, self.corpus.seed, progress=progress
         )

@@ -1,0 +1,51 @@
+"""``editq stats``: compute the key statistics the first edit needs, once, in the foreground (run by make setup)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from controller.cli_common import HomeOpt, ModelOpt, console, fail, settings_with
+from controller.progress import stage_progress
+
+
+def stats(
+    stats_corpus: Annotated[
+        Path | None, typer.Option(help="Text for the statistics (.txt or .jsonl), as for `editq eval`; default: "
+                                       "the model's self-sampled corpus (shipped with editq for SmolLM2).")
+    ] = None,
+    model: ModelOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Second moments of the edited layers' keys, cached under the home's stats dir; instant when done."""
+    from workers.stats_prep import ensure_statistics, plan_statistics
+
+    if stats_corpus is not None and not stats_corpus.is_file():
+        fail(f"--stats-corpus {stats_corpus} does not exist")
+    settings = settings_with(home, model)
+    try:
+        plans = plan_statistics(settings, stats_corpus)
+    except (FileNotFoundError, ValueError) as err:
+        fail(str(err))
+    started = time.perf_counter()
+    todo = [plan for plan in plans if plan.missing]
+    for plan in plans:
+        layers = ", ".join(map(str, plan.layers))
+        if plan in todo:
+            console.print(f"[bold]key statistics[/] of {plan.fingerprint}, layers {layers} "
+                          f"(corpus {plan.corpus.corpus_id}) from {plan.cache.text_source()}")
+        else:
+            console.print(f"[green]✓[/] key statistics of {plan.fingerprint}, layers {layers}: cached in "
+                          f"{plan.directory}")
+    if not todo:
+        return
+    try:
+        with stage_progress(console) as progress:
+            ensure_statistics(todo, settings.device, progress)
+    except ValueError as err:  # an unreadable corpus file, an unsupported model
+        fail(str(err))
+    for plan in todo:
+        console.print(f"[green]✓[/] key statistics ready in {plan.directory} ({time.perf_counter() - started:.1f} s)")
