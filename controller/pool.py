@@ -20,6 +20,7 @@ from shared.schemas import EditRequest
 from shared.settings import Settings
 from shared.weight_store import WeightStore
 from workers.edit_worker import EditWorker
+from workers.editing.hparams import V_STAR_ALGOS
 
 log = logging.getLogger("editq.pool")
 
@@ -123,11 +124,12 @@ class EditWorkerPool:
         return infos
 
     async def edit(self, parent: int, version: int, requests: Sequence[EditRequest]) -> EditResult:
-        """Compute one batch on top of ``parent``: v* sharded over the pool, the solve on the leader."""
+        """Compute one batch on top of ``parent``: v* sharded over the pool, the solve on the leader (an algorithm
+        without v*, UltraEdit, runs on the leader alone: its one forward/backward is cheap)."""
         await self.sync(parent)
         leader = self.workers[0]
         shards = None
-        if len(self.workers) > 1 and len(requests) > 1:
+        if len(self.workers) > 1 and len(requests) > 1 and self.meta is not None and self.meta.algo in V_STAR_ALGOS:
             parts = shard(requests, len(self.workers))
             shards = list(await asyncio.gather(*(
                 self._call(w.compute_values.remote(ValuesJob(version=parent, requests=part)))

@@ -3,17 +3,20 @@
 ``deploy(version, probes)``:
 
 1. The canary (first ready replica) swaps and is *held* out of traffic. Gates: the swap's checksums and live-kernel
-   check; the probes (each edit answers ``target_new`` greedily, or beats ``target_true`` by mean log-prob); the
-   control facts the canary answered right before the swap are still answered right. Then it takes traffic for
-   ``serving_canary_soak_s`` and its error rate since the swap is judged.
-2. The other replicas swap ``serving_max_unavailable`` at a time (each checked by its own checksums and
-   live-kernel check; a replica that dies here is skipped: Ray restarts it and it rejoins at the live version).
+   check, and its agreement check (the replica's greedy answers on the version's fixed probe set are the reference
+   answers computed with transformers on the same weights: ``workers/serving/agreement.py``); the probes (each
+   edit answers ``target_new`` greedily, or beats ``target_true`` by mean log-prob); the control facts the canary
+   answered right before the swap are still answered right. Then it takes traffic for ``serving_canary_soak_s``
+   and its error rate since the swap is judged.
+2. The other replicas swap ``serving_max_unavailable`` at a time (each checked by its own checksums, live-kernel
+   and agreement checks; a replica that dies here is skipped: Ray restarts it and it rejoins at the live version).
 3. Success moves the Redis ``live`` pointer (and the version's status) to the version. Any failed gate rolls every
    replica already on the version back to the previous live version, in reverse order, and the result says
    ``rolled_back`` with the reason; a replica that cannot roll back is restarted (it rejoins at the live version).
 
 ``reconcile()`` brings stragglers (replicas that joined during a rollout, held canaries of an interrupted one) to
-the live version and restarts failed replicas; run it periodically.
+the live version and restarts failed replicas (not one whose engine disagrees with the reference at its own version:
+a restart reloads the same weights in the same dtype); run it periodically.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ BUILTIN_CONTROL_FACTS = [  # SmolLM2-135M-Instruct answers these greedily (../sh
 
 
 class GateResult(BaseModel):
-    gate: Literal["swap", "probes", "controls", "error_rate", "replica"]
+    gate: Literal["swap", "agreement", "probes", "controls", "error_rate", "replica"]
     replica: str
     ok: bool
     detail: str = ""
@@ -128,6 +131,7 @@ class RolloutManager:
         self.metrics = metrics or MemoryMetrics()
         self.control_facts = list(control_facts) if control_facts is not None else load_control_facts(self.settings)
         self._lock = asyncio.Lock()
+        self._left_failed: set[str] = set()  # incarnations reported as failed for good (logged once each)
 
     # ---- helpers --------------------------------------------------------------------------------------------
     async def statuses(self) -> dict[str, ReplicaStatus | None]:
@@ -266,16 +270,22 @@ class RolloutManager:
         report, error = await self._swap(client, version, hold)
         outcome = outcomes[client.name]
         outcome.swap, outcome.error = report, error or None
+        agreement = report.agreement if report is not None else None
         if report is not None and report.ok:
             outcome.final_version = version
             result.gates.append(GateResult(
                 gate="swap", replica=client.name, ok=True, value=report.pause_s,
                 detail=f"checksums ok, live-kernel error {report.max_probe_error}, paused {report.pause_s:.3f} s",
             ))
+            if agreement is not None:
+                result.gates.append(GateResult(gate="agreement", replica=client.name, ok=True,
+                                               value=len(agreement.near_ties), detail=agreement.summary()))
             return
         died = report is None and not hold and await self._gone(client)
         note = "replica died during its swap (it rejoins at the live version): " if died else ""
-        gate = GateResult(gate="replica" if died else "swap", replica=client.name, ok=died, detail=note + error)
+        refused = agreement is not None and not agreement.ok
+        kind = "replica" if died else "agreement" if refused else "swap"
+        gate = GateResult(gate=kind, replica=client.name, ok=died, detail=note + error)
         result.gates.append(gate)
         if not died:
             raise _GateFailed(gate)
@@ -345,6 +355,9 @@ class RolloutManager:
                 if status is None or status.state in (ReplicaState.starting, ReplicaState.swapping):
                     continue
                 if status.state == ReplicaState.failed:
+                    if _disagrees_at_own_version(status):
+                        self._report_left_failed(status)
+                        continue
                     log.warning("restarting failed replica %s (%s)", client.name, status.error)
                     await client.restart()
                 elif status.version != live or status.state == ReplicaState.canary:
@@ -354,3 +367,14 @@ class RolloutManager:
                     if error:
                         log.warning("replica %s could not move to live version %d: %s", client.name, live, error)
             return reports
+
+    def _report_left_failed(self, status: ReplicaStatus) -> None:
+        if status.incarnation not in self._left_failed:
+            self._left_failed.add(status.incarnation)
+            log.error("replica %s is left failed, not restarted: %s", status.name, status.error)
+
+
+def _disagrees_at_own_version(status: ReplicaStatus) -> bool:
+    """A replica whose engine's answers are not the reference's at the version it holds (e.g. bf16 on CPU)."""
+    report = status.agreement
+    return report is not None and bool(report.disagreements) and report.version == status.version

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shared.delta import MatrixDelta
 from shared.schemas import EditRequest
+from shared.weight_store import ReferenceAnswers
 
 
 class StoreMeta(BaseModel):
@@ -86,3 +87,6 @@ class EditResult(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
     # edits whose update did not make them take on their own prompt (empty when the check is off)
     missed_edit_ids: list[str] = Field(default_factory=list)
+    # greedy answers of the leader's model (exactly the committed weights) on the fixed probe set; every replica
+    # must reproduce them (None when they could not be computed: the replicas then skip the check, logged)
+    reference: ReferenceAnswers | None = None

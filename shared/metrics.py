@@ -60,6 +60,15 @@ SPECS: dict[str, MetricSpec] = {
                    ("replica",), _SECONDS),
         MetricSpec("editq_rollouts", Kind.counter, "Rollouts by result.", ("result",)),
         MetricSpec("editq_replica_version", Kind.gauge, "Weight version per replica.", ("replica",)),
+        MetricSpec("editq_served_agreement_checks", Kind.counter,
+                   "Served-vs-reference greedy checks (at start and after every swap) by result: agree, disagree, "
+                   "error, unchecked (no reference stored).", ("replica", "result")),
+        MetricSpec("editq_served_agreement_near_ties", Kind.counter,
+                   "Probes whose served answer left the reference's at a near tie (counted as agreement).",
+                   ("replica",)),
+        MetricSpec("editq_served_disagreement_probes", Kind.gauge,
+                   "Probes the replica answered unlike the reference in its latest check (0 = served is evaluated).",
+                   ("replica",)),
         # collapse (per edited matrix, labelled by layer; and for the model)
         MetricSpec("editq_sigma_max", Kind.gauge, "Largest singular value of the edited matrix.", ("layer",)),
         MetricSpec("editq_condition_number", Kind.gauge, "sigma_max / sigma_min of the edited matrix.", ("layer",)),

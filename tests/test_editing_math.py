@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from workers.editing.alphaedit import alphaedit_update, null_space_projector
 from workers.editing.memit import memit_update
+from workers.editing.ultraedit import RunningMoments, pseudo_values, ultraedit_update
 
 SHAPES = st.tuples(st.integers(24, 64), st.integers(8, 32), st.integers(1, 8), st.integers(0, 10_000))
 
@@ -103,3 +104,47 @@ def test_null_space_projector_properties() -> None:
         assert kept_energy >= energy * float(torch.trace(mom2)) - 1e-9
     dims = [null_space_projector(mom2, e).null_dim for e in (0.5, 0.8, 0.95, 0.999)]
     assert dims == sorted(dims, reverse=True) and dims[0] > dims[-1]
+
+
+@settings(max_examples=25, deadline=None)
+@given(SHAPES, st.floats(1e-3, 1e2))
+def test_ultraedit_update_solves_its_ridge_least_squares(shape: tuple[int, int, int, int], ridge: float) -> None:
+    """Delta^T = argmin_X ||K X - V||^2 + ridge ||X||^2: the gradient K^T (K X - V) + ridge X vanishes there."""
+    d_in, d_out, n, seed = shape
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(n, d_in, generator=gen, dtype=torch.float64) * 3
+    values = torch.randn(n, d_out, generator=gen, dtype=torch.float64)
+    left, right = ultraedit_update(keys, values, ridge)
+    x = (left @ right.T).T  # (d_in, d_out)
+    grad = keys.T @ (keys @ x - values) + ridge * x
+    assert torch.linalg.norm(grad) < 1e-8 * (1 + torch.linalg.norm(keys.T @ values))
+    assert left.shape == (d_out, n) and right.shape == (d_in, n)  # rank <= n
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 6), st.integers(2, 9), st.integers(0, 10_000))
+def test_running_moments_equal_moments_of_everything_seen(batches: int, size: int, seed: int) -> None:
+    """Chan's merge of batch after batch gives the mean and (unbiased) std of all rows at once."""
+    gen = torch.Generator().manual_seed(seed)
+    parts = [torch.randn(int(torch.randint(1, 7, (1,), generator=gen)), size, generator=gen, dtype=torch.float64) * 4
+             + 2 for _ in range(batches)]
+    moments = RunningMoments.empty(size)
+    for part in parts:
+        moments.update(part)
+    every = torch.cat(parts)
+    torch.testing.assert_close(moments.mean, every.mean(0))
+    if every.shape[0] > 1:
+        torch.testing.assert_close(moments.std, every.std(0))
+    again = RunningMoments.unpack(moments.pack())
+    assert again.n == moments.n and torch.equal(again.mean, moments.mean) and torch.equal(again.m2, moments.m2)
+
+
+def test_ultraedit_pseudo_values_point_down_the_normalised_gradient() -> None:
+    gen = torch.Generator().manual_seed(0)
+    keys, grads = torch.randn(5, 8, generator=gen), torch.randn(5, 4, generator=gen)
+    moments = RunningMoments.empty(12)
+    moments.update(torch.cat([keys, grads], dim=1))
+    values = pseudo_values(keys, grads, moments, lr=0.1)
+    g_hat = moments.normalise(torch.cat([keys, grads], dim=1))[:, 8:]
+    cos = torch.nn.functional.cosine_similarity(values, g_hat, dim=1)
+    torch.testing.assert_close(cos, -torch.ones(5, dtype=torch.float64))

@@ -9,7 +9,7 @@ from shared.schemas import EditRequest
 from workers.editing.editor import Editor
 from workers.editing.hooks import add_at_positions, capture, run_until_stopped
 from workers.editing.hparams import EditHParams
-from workers.editing.keys import read_keys_and_output
+from workers.editing.keys import KeyReader, read_keys_and_output
 from workers.editing.layout import ModelLayout, UnsupportedModelError
 from workers.editing.prompts import key_rows, kl_rows, rewrite_rows
 from workers.editing.state import EditorState
@@ -169,3 +169,91 @@ def test_state_save_load_round_trip(tmp_path, tiny_llama, tiny_tokenizer, stats)
         assert torch.equal(layout.get_weight(fresh, layer), layout.get_weight(tiny_llama, layer))
     with pytest.raises(ValueError, match="model"):
         Editor(fresh, tiny_tokenizer, hp, stats, "other-model", state=loaded)
+
+
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_gpt2"])
+def test_cached_prefix_values_equal_full_forward_values(family: str, request, tiny_tokenizer) -> None:
+    """The fast v* path (lower layers and the subject's prefix computed once) follows the full-forward path."""
+    model = request.getfixturevalue(family)
+    layout = ModelLayout.from_model(model)
+    templates = ["{}", "the city of . {}", "because i . {}"]
+    rows = key_rows(tiny_tokenizer, REQUESTS, templates)
+    _, v_init = read_keys_and_output(model, layout, rows, len(REQUESTS), len(templates), [], 1, 0)
+    results = {}
+    for cached in (False, True):
+        hp = _hp(layers=(0, 1), v_num_grad_steps=6, v_early_stop_loss=0.0, v_prefix_cache=cached)
+        results[cached] = compute_target_values(
+            model, layout, rewrite_rows(tiny_tokenizer, REQUESTS, templates), kl_rows(tiny_tokenizer, REQUESTS),
+            v_init, hp, 0,
+        )
+    assert results[False].deltas.norm() > 1.0  # the offsets moved: the comparison is not between zeros
+    torch.testing.assert_close(results[True].targets, results[False].targets, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(results[True].nll, results[False].nll, rtol=1e-4, atol=1e-5)
+
+
+def test_keys_read_once_per_layer_equal_fresh_reads_of_the_edited_model(tiny_llama, tiny_tokenizer, stats) -> None:
+    """The edited keys the editor keeps (read while solving, resumed from the cached residual stream) equal keys
+    read from scratch on the final edited model, and the reader re-ran fewer blocks than reads from scratch."""
+    hp = _hp(algo="alphaedit", layers=(1, 2, 3))
+    editor = Editor(tiny_llama, tiny_tokenizer, hp, stats, "tiny")
+    result = editor.apply(REQUESTS)
+    rows = key_rows(tiny_tokenizer, REQUESTS, editor.state.templates)
+    fresh, _ = read_keys_and_output(
+        tiny_llama, ModelLayout.from_model(tiny_llama), rows, len(REQUESTS), len(editor.state.templates),
+        list(hp.layers), None, 0,
+    )
+    for layer in hp.layers:
+        torch.testing.assert_close(result.edited_keys[layer], fresh[layer].T.float(), rtol=1e-5, atol=1e-6)
+    reader = KeyReader(tiny_llama, ModelLayout.from_model(tiny_llama), rows, len(REQUESTS),
+                       len(editor.state.templates), 0)
+    for layer in hp.layers:
+        reader.read(layer, hp.layers[-1])
+    from_scratch = len(reader.chunks) * (hp.layers[-1] + 1) * len(hp.layers)
+    assert reader.forwarded_blocks < from_scratch
+
+
+def test_early_stop_rules() -> None:
+    """nll: MEMIT's threshold; mpes: every target token the argmax by more than the margin; either: both."""
+    from workers.editing.values import _stopped
+
+    nll = torch.tensor([0.01, 0.5, 0.5, 0.01])
+    margin = torch.tensor([-0.1, 0.3, 0.05, 2.0])
+    assert _stopped(_hp(v_early_stop="nll"), nll, margin).tolist() == [True, False, False, True]
+    mpes = _hp(v_early_stop="mpes", v_early_stop_margin=0.1)
+    assert _stopped(mpes, nll, margin).tolist() == [False, True, False, True]
+    either = _hp(v_early_stop="either", v_early_stop_margin=0.1)
+    assert _stopped(either, nll, margin).tolist() == [True, True, False, True]
+    with pytest.raises(ValueError, match="v_early_stop"):
+        _hp(v_early_stop="sometimes")
+
+
+def test_ultraedit_editor_takes_edits_and_keeps_its_normaliser(tmp_path, tiny_llama, tiny_tokenizer, stats) -> None:
+    hp = _hp(algo="ultraedit", layers=(2, 3), ultra_lr=0.5)
+    editor = Editor(tiny_llama, tiny_tokenizer, hp, stats, "tiny")
+    rows = rewrite_rows(tiny_tokenizer, REQUESTS, ["{}"])
+
+    def target_nll() -> float:
+        from workers.editing.values import _FullRows
+
+        terms = _FullRows(tiny_llama, editor.layout, rows, 2, 0).terms(range(len(rows)), torch.zeros(3, 32))
+        return float(terms.nll.mean())
+
+    before = target_nll()
+    result = editor.apply(REQUESTS)
+    assert target_nll() < before - 0.1
+    assert result.v_steps == 0 and result.targets.numel() == 0  # no v* optimisation
+    assert all(d.left.shape[1] <= sum(len(r.target_ids) for r in rows) for d in result.deltas)
+    assert editor.state.moments[2][0] == sum(len(r.target_ids) for r in rows)  # positions counted once
+    editor.apply(REQUESTS[:1])
+    loaded = EditorState.load(editor.state.save(tmp_path / "state.safetensors"))
+    torch.manual_seed(0)  # a follower on the same base model takes the version from its stored deltas and aux
+    follower_model = type(tiny_llama)(tiny_llama.config).eval()
+    follower = Editor(follower_model, tiny_tokenizer, hp, stats, "tiny")
+    follower.apply_deltas(result.deltas, result.aux)
+    assert set(result.aux) == {"moments.2", "moments.3"}
+    for layer in hp.layers:
+        assert torch.equal(follower.state.moments[layer], result.moments[layer])
+    for layer in hp.layers:
+        assert torch.equal(loaded.moments[layer], editor.state.moments[layer])
+    with pytest.raises(ValueError, match="no target values"):
+        editor.compute_values(REQUESTS)

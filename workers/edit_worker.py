@@ -9,6 +9,10 @@ After each applied batch the leader measures collapse signals and returns them i
 ``shared.metrics.metric_key`` keys, so they land in the version manifest): per edited matrix every version, the
 model-level ones every ``collapse_eval_every`` versions. A batch the collapse guard refuses raises
 ``workers.guards.GuardRejection`` (reason ``collapse_risk``, per-edit efficacy attached) with the worker unchanged.
+
+The leader also computes the version's reference answers (greedy answers on a fixed probe set, with transformers on
+exactly the committed weights: ``workers/evaluation/reference_answers.py``); they go into the manifest, and every
+serving replica must reproduce them before it serves the version. Worker 0 stores version 0's in the store once.
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ from shared.jobs import EditJob, EditResult, StoreMeta, ValuesJob, ValuesShard, 
 from shared.metrics import metric_key
 from shared.schemas import EditRequest
 from shared.settings import Settings
-from shared.weight_store import BASE_VERSION, LocalWeightStore, lineage
+from shared.weight_store import BASE_VERSION, LocalWeightStore, ReferenceAnswers, lineage
 from workers.editing.editor import BatchResult, Editor
 from workers.editing.hparams import EditHParams
 from workers.editing.stats import SecondMomentCache, StatsCorpus
 from workers.editing.values import ValueResult
 from workers.evaluation.collapse import RetentionSample, load_control_facts, model_health
+from workers.evaluation.reference_answers import reference_answers
 from workers.evaluation.runner import resolve_hparams
 from workers.guards import GuardRejection
 from workers.guards.collapse import matrix_health
@@ -45,14 +50,6 @@ class EditMemoryError(MemoryError):
 
 class VersionMismatchError(RuntimeError):
     """The worker is not at the version a job was computed for."""
-
-
-def _keys_aux(edited_keys: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {f"keys.{layer}": k for layer, k in edited_keys.items()}
-
-
-def _keys_from_aux(aux: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
-    return {int(k.split(".", 1)[1]): v for k, v in aux.items() if k.startswith("keys.")}
 
 
 class EditWorker:
@@ -100,9 +97,23 @@ class EditWorker:
         return {layout.weight_name(layer): w for layer, w in self.editor.state.weights.items()}
 
     def prepare(self) -> WorkerInfo:
-        """Load or compute the key statistics (and null-space projectors) before the first batch."""
+        """Load or compute the key statistics (and null-space projectors) before the first batch; worker 0 of a
+        store without version 0's reference answers computes them (the model is still at base here)."""
+        if self.index == 0 and self.version == BASE_VERSION and self.store.reference(BASE_VERSION) is None:
+            reference = self.compute_reference(BASE_VERSION)
+            if reference is not None:
+                self.store.put_base_reference(reference)
         self.editor.prepare()
         return self.info()
+
+    def compute_reference(self, version: int) -> ReferenceAnswers | None:
+        """The model's greedy answers on the probe set now; a failure is logged and never costs a batch (replicas
+        then skip the check for that version, logged there too)."""
+        try:
+            return reference_answers(self.model, self.tokenizer)
+        except Exception as err:
+            log.warning("worker %d: reference answers failed at version %d: %s", self.index, version, err)
+            return None
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(
@@ -121,7 +132,7 @@ class EditWorker:
         start = on_chain.index(self.version) + 1 if self.version in on_chain else 0
         for manifest in chain[start:]:
             deltas, aux = self.store.deltas(manifest.version)
-            self.editor.apply_deltas(deltas, _keys_from_aux(aux))
+            self.editor.apply_deltas(deltas, aux)
             self.version = manifest.version
             bad = [e.name for e in manifest.matrices if self.editor.checksums()[e.name] != e.sha256]
             if bad:
@@ -136,6 +147,7 @@ class EditWorker:
             state.weights[layer] = self.base[layout.weight_name(layer)].clone()
         state.prev_keys_cov.clear()
         state.prev_keys.clear()
+        state.moments.clear()
         self.retention.clear()
         state.edit_ids.clear()
         state.n_batches = 0
@@ -195,11 +207,14 @@ class EditWorker:
         metrics_start = time.perf_counter()
         metrics = self.collapse_metrics(result, job.requests, job.version)
         seconds["collapse_metrics"] = time.perf_counter() - metrics_start
+        reference_start = time.perf_counter()
+        reference = self.compute_reference(job.version)
+        seconds["reference_answers"] = time.perf_counter() - reference_start
         seconds["leader_total"] = time.perf_counter() - start
         return EditResult(
             version=job.version, parent=job.parent, edit_ids=result.edit_ids, deltas=result.deltas,
-            aux=_keys_aux(result.edited_keys), checksums=checksums, v_nll=result.v_nll, seconds=seconds,
-            metrics=metrics, missed_edit_ids=missed,
+            aux=result.aux, checksums=checksums, v_nll=result.v_nll, seconds=seconds,
+            metrics=metrics, missed_edit_ids=missed, reference=reference,
         )
 
     def missed_edits(self, result: BatchResult, requests: list[EditRequest], seconds: dict[str, float]) -> list[str]:

@@ -22,14 +22,15 @@ from shared.delta import MatrixDelta, tensor_sha256
 from shared.schemas import EditRequest
 from workers.editing.alphaedit import NullSpace, alphaedit_update, null_space_projector
 from workers.editing.alphaedit_plus import PlusSettings, alphaedit_plus_update
-from workers.editing.hparams import EditHParams
-from workers.editing.keys import read_keys_and_output
+from workers.editing.hparams import V_STAR_ALGOS, EditHParams
+from workers.editing.keys import KeyReader
 from workers.editing.layout import ModelLayout
 from workers.editing.memit import memit_update
 from workers.editing.prompts import key_rows, kl_rows, rewrite_rows
 from workers.editing.state import EditorState
 from workers.editing.stats import Progress, SecondMomentCache
 from workers.editing.templates import generate_context_templates
+from workers.editing.ultraedit import RunningMoments, keys_and_output_grads, pseudo_values, ultraedit_update
 from workers.editing.values import ValueResult, compute_target_values
 from workers.guards.policy import SpectralGuard, check_batch, edit_success
 from workers.guards.revive import Spectrum, load_spectrum, spectrum_cached
@@ -40,7 +41,7 @@ class BatchResult:
     edit_ids: list[str]
     layers: list[int]
     deltas: list[MatrixDelta]  # one per edited layer, in the stored (shared) format
-    edited_keys: dict[int, torch.Tensor]  # keys of this batch re-read on the edited model, (d_in, n) per layer
+    edited_keys: dict[int, torch.Tensor]  # keys of this batch on the edited model, (d_in, n) per layer
     targets: torch.Tensor  # v* per edit at the last edited layer, (n, d)
     v_nll: list[float]  # final target NLL of the v* optimisation per edit
     v_steps: int
@@ -49,6 +50,16 @@ class BatchResult:
     guard_efficacy: float | None = None  # share of the batch's edits that take after the guard
     per_edit_success: list[float] | None = None  # 1.0 per edit that takes on its own prompt (when the guard checked)
     diagnostics: dict[str, float] = field(default_factory=dict)  # algorithm details, e.g. AlphaEdit+ choices
+    moments: dict[int, torch.Tensor] = field(default_factory=dict)  # UltraEdit's normaliser after this batch
+
+    @property
+    def aux(self) -> dict[str, torch.Tensor]:
+        """Editor state that travels with the version (the store's aux tensors), so a worker that follows or
+        rebuilds the version from the store can keep editing exactly as the leader would: the edited keys
+        (AlphaEdit's C_prev) and UltraEdit's lifelong normaliser."""
+        return {f"keys.{layer}": k for layer, k in self.edited_keys.items()} | {
+            f"moments.{layer}": m for layer, m in self.moments.items()
+        }
 
 
 @dataclass
@@ -56,6 +67,7 @@ class _Solved:
     ids: list[str]
     deltas: list[MatrixDelta] = field(default_factory=list)
     keys_after: dict[int, torch.Tensor] = field(default_factory=dict)
+    moments: dict[int, torch.Tensor] = field(default_factory=dict)  # UltraEdit's normaliser after this batch
     filtered_energy: dict[int, float] = field(default_factory=dict)
     efficacy: float | None = None
     per_edit_success: list[float] | None = None
@@ -135,7 +147,7 @@ class Editor:
 
     def prepare(self) -> None:
         """Load (or compute once) the second moments, the null-space projectors and the guard's spectra."""
-        if self._mom2 is None:
+        if self._mom2 is None and self.hparams.algo in V_STAR_ALGOS:
             mom2 = self.stats.get(
                 self.model, self.tokenizer, self.layout, self.hparams.layers,
                 max_len=self.hparams.stats_max_len, progress=self.progress,
@@ -196,13 +208,12 @@ class Editor:
         seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
         return out
 
-    def _read(
-        self, requests: Sequence[EditRequest], layers: Sequence[int], out_layer: int | None
-    ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+    def _reader(self, requests: Sequence[EditRequest]) -> KeyReader:
+        """Reads this batch's keys bottom to top, resuming each read where the previous one left off."""
         rows = key_rows(self.tokenizer, requests, self.state.templates)
-        return read_keys_and_output(
-            self.model, self.layout, rows, len(requests), len(self.state.templates), layers, out_layer,
-            self.tokenizer.pad_token_id, self.hparams.v_max_batch_tokens,
+        return KeyReader(
+            self.model, self.layout, rows, len(requests), len(self.state.templates), self.tokenizer.pad_token_id,
+            self.hparams.v_max_batch_tokens, self.hparams.keys_resume,
         )
 
     def value_tokens(self, requests: Sequence[EditRequest]) -> int:
@@ -220,9 +231,15 @@ class Editor:
         """
         if not requests:
             raise ValueError("empty batch")
+        if self.hparams.algo not in V_STAR_ALGOS:
+            raise ValueError(f"{self.hparams.algo} computes no target values")
         seconds = {} if seconds is None else seconds
+        reader = self._reader(requests)
+        _, v_init = self._timed(seconds, "keys", lambda: reader.read(None, self.hparams.layers[-1]))
+        return self._values(requests, v_init, seconds)
+
+    def _values(self, requests: Sequence[EditRequest], v_init: torch.Tensor, seconds: dict[str, float]) -> ValueResult:
         tok, hp = self.tokenizer, self.hparams
-        _, v_init = self._timed(seconds, "keys", lambda: self._read(requests, [], hp.layers[-1]))
         values = self._timed(
             seconds, "values",
             lambda: compute_target_values(
@@ -242,31 +259,75 @@ class Editor:
             raise ValueError("empty batch")
         self.prepare()
         seconds: dict[str, float] = {}
-        if values is None:
-            values = self.compute_values(requests, seconds)
-        if values.targets.shape[0] != len(requests):
-            raise ValueError(f"{values.targets.shape[0]} targets for {len(requests)} edits")
+        hp = self.hparams
         try:
-            solved = self._solve_layers(requests, values.targets.to(self.device), seconds)
+            if hp.algo in V_STAR_ALGOS:
+                reader = self._reader(requests)
+                # Keys of the first layer and the last layer's output before any update (= v_init of v*), one read.
+                first = self._timed(seconds, "keys", lambda: reader.read(hp.layers[0], hp.layers[-1]))
+                if values is None:
+                    values = self._values(requests, first[1], seconds)
+                if values.targets.shape[0] != len(requests):
+                    raise ValueError(f"{values.targets.shape[0]} targets for {len(requests)} edits")
+                solved = self._solve_layers(requests, values.targets.to(self.device), seconds, reader, first)
+            else:
+                solved = self._solve_ultraedit(requests, seconds)
+            if self.guard is not None:
+                scores = self._timed(seconds, "guard", lambda: edit_success(self.model, self.tokenizer, requests))
+                solved.efficacy = float(scores.mean())
+                solved.per_edit_success = scores.tolist()
+                check_batch(scores, hp, solved.ids, solved.filtered_energy)
         except BaseException:
             self.reset_weights()
             raise
         for delta, layer in zip(solved.deltas, self.hparams.layers, strict=True):
             self.state.weights[layer] = delta.apply(self.state.weights[layer])
         self.accumulate_keys(solved.keys_after)
+        self.state.moments.update(solved.moments)
         self.state.edit_ids.extend(solved.ids)
         self.state.n_batches += 1
+        targets = values.targets if values is not None else torch.empty(0)
         return BatchResult(
-            solved.ids, list(self.hparams.layers), solved.deltas, solved.keys_after, values.targets,
-            values.nll.tolist(), values.steps, seconds, solved.filtered_energy, solved.efficacy,
-            solved.per_edit_success, solved.diagnostics,
+            solved.ids, list(self.hparams.layers), solved.deltas, solved.keys_after, targets,
+            values.nll.tolist() if values is not None else [], values.steps if values is not None else 0, seconds,
+            solved.filtered_energy, solved.efficacy, solved.per_edit_success, solved.diagnostics, solved.moments,
         )
 
+    def _solve_ultraedit(self, requests: Sequence[EditRequest], seconds: dict[str, float]) -> _Solved:
+        """UltraEdit: keys and output gradients of every edited layer in one pass on the unedited batch, the
+        lifelong normaliser updated, then each layer's ridge fit written (guarded)."""
+        hp, layout, model = self.hparams, self.layout, self.model
+        dtype = getattr(torch, hp.solve_dtype)
+        templates = self.state.templates if hp.ultra_templates else ["{}"]
+        rows = rewrite_rows(self.tokenizer, requests, templates)
+        read = self._timed(seconds, "keys", lambda: keys_and_output_grads(
+            model, layout, rows, hp.layers, self.tokenizer.pad_token_id, hp.v_max_batch_tokens))
+        out = _Solved(ids=[r.edit_id or r.content_key() for r in requests])
+        for layer in hp.layers:
+            start = time.perf_counter()
+            keys, grads = read[layer]
+            packed = self.state.moments.get(layer)
+            moments = (RunningMoments.unpack(packed) if packed is not None
+                       else RunningMoments.empty(keys.shape[1] + grads.shape[1]))
+            moments.update(torch.cat([keys, grads], dim=1).cpu())
+            out.moments[layer] = moments.pack()
+            values = pseudo_values(keys.cpu(), grads.cpu(), moments, hp.ultra_lr)
+            left, right = ultraedit_update(keys.cpu(), values, hp.ultra_ridge, dtype)
+            delta = self._guarded(layer, left.to(self.device), right.to(self.device), out)
+            layout.set_weight(model, layer, delta.apply(self.state.weights[layer]))
+            seconds["solve"] = seconds.get("solve", 0.0) + time.perf_counter() - start
+            out.deltas.append(delta)
+        return out
+
     def _solve_layers(
-        self, requests: Sequence[EditRequest], targets: torch.Tensor, seconds: dict[str, float]
+        self, requests: Sequence[EditRequest], targets: torch.Tensor, seconds: dict[str, float], reader: KeyReader,
+        first: tuple[torch.Tensor | None, torch.Tensor | None],
     ) -> _Solved:
         """Bottom to top: keys on the partially edited model, residual spread over the remaining layers, solve,
         guard. Raises ``GuardRejection`` (model partly written: the caller restores it) when the guard refuses.
+
+        A layer's keys depend only on the layers below it, so the keys read for its solve are exactly its keys on
+        the final edited model: they are the batch's edited keys (AlphaEdit's accumulated K_p), no re-read needed.
 
         Each layer's update is written in the shared delta format and applied exactly as every replica and a
         rebuild from the store will apply it, so the live matrices equal the stored ones bit for bit.
@@ -275,22 +336,19 @@ class Editor:
         dtype = getattr(torch, hp.solve_dtype)
         out = _Solved(ids=[r.edit_id or r.content_key() for r in requests])
         for i, layer in enumerate(hp.layers):
-            keys, cur = self._timed(seconds, "keys", lambda layer=layer: self._read(requests, [layer], hp.layers[-1]))
+            keys, cur = first if i == 0 else self._timed(
+                seconds, "keys", lambda layer=layer: reader.read(layer, hp.layers[-1])
+            )
+            assert keys is not None and cur is not None
+            out.keys_after[layer] = keys.T.float().cpu().contiguous()
             gap = targets - cur  # (n, d_out): v1 - v0 at the last edited layer
             residual = gap.T / (len(hp.layers) - i)  # (d_out, n)
             start = time.perf_counter()
-            left, right = self._update(requests, layer, i, residual, keys[layer].T, gap.norm(dim=1), out, dtype)
+            left, right = self._update(requests, layer, i, residual, keys.T, gap.norm(dim=1), out, dtype)
             delta = self._guarded(layer, left, right, out)
             layout.set_weight(model, layer, delta.apply(self.state.weights[layer]))
             seconds["solve"] = seconds.get("solve", 0.0) + time.perf_counter() - start
             out.deltas.append(delta)
-        if self.guard is not None:
-            scores = self._timed(seconds, "guard", lambda: edit_success(model, self.tokenizer, requests))
-            out.efficacy = float(scores.mean())
-            out.per_edit_success = scores.tolist()
-            check_batch(scores, hp, out.ids, out.filtered_energy)
-        keys_after, _ = self._timed(seconds, "keys", lambda: self._read(requests, hp.layers, None))
-        out.keys_after = {layer: keys_after[layer].T.float().cpu().contiguous() for layer in hp.layers}
         return out
 
     def _update(
@@ -358,8 +416,9 @@ class Editor:
         for layer, weight in self.state.weights.items():
             self.layout.set_weight(self.model, layer, weight)
 
-    def apply_deltas(self, deltas: Sequence[MatrixDelta], edited_keys: dict[int, torch.Tensor]) -> None:
-        """Follow a version computed elsewhere: apply its stored deltas and accumulate its edited keys."""
+    def apply_deltas(self, deltas: Sequence[MatrixDelta], aux: dict[str, torch.Tensor]) -> None:
+        """Follow a version computed elsewhere: apply its stored deltas and take over its editor state (``aux``,
+        as ``BatchResult.aux`` wrote it)."""
         by_name = {self.layout.weight_name(layer): layer for layer in self.hparams.layers}
         for delta in deltas:
             if delta.name not in by_name:
@@ -367,7 +426,13 @@ class Editor:
             layer = by_name[delta.name]
             self.state.weights[layer] = delta.apply(self.state.weights[layer])
             self.layout.set_weight(self.model, layer, self.state.weights[layer])
-        self.accumulate_keys(edited_keys)
+        parts: dict[str, dict[int, torch.Tensor]] = {"keys": {}, "moments": {}}
+        for key, tensor in aux.items():
+            kind, _, layer = key.partition(".")
+            if kind in parts:
+                parts[kind][int(layer)] = tensor
+        self.accumulate_keys(parts["keys"])
+        self.state.moments.update(parts["moments"])
         self.state.n_batches += 1
 
     def checksums(self) -> dict[str, str]:

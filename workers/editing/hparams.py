@@ -7,9 +7,13 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-Algo = Literal["memit", "alphaedit", "alphaedit_plus"]
-ALGOS: tuple[str, ...] = ("memit", "alphaedit", "alphaedit_plus")
+Algo = Literal["memit", "alphaedit", "alphaedit_plus", "ultraedit"]
+ALGOS: tuple[str, ...] = ("memit", "alphaedit", "alphaedit_plus", "ultraedit")
+# Algorithms that optimise target values v* and read keys at the subject (UltraEdit needs neither).
+V_STAR_ALGOS: tuple[str, ...] = ("memit", "alphaedit", "alphaedit_plus")
 GUARDS: tuple[str, ...] = ("none", "revive")
+V_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
+V_EARLY_STOPS: tuple[str, ...] = ("nll", "mpes", "either")
 _TUNED_FILE = Path(__file__).with_name("tuned_hparams.json")
 
 
@@ -31,6 +35,17 @@ class EditHParams:
     kl_factor: float = 0.0625
     v_early_stop_loss: float = 5e-2
     v_max_batch_tokens: int = 8192
+    # Cost levers of v* (workers/editing/values.py), each measured on/off in benchmarks/edit_compute.py.
+    # Prefix cache: layers up to the edited one and positions before the subject computed once per batch.
+    v_prefix_cache: bool = True
+    # "bfloat16": each step's forward/backward under bf16 autocast (offset, Adam and losses stay float32).
+    v_dtype: str = "float32"
+    # When an edit stops: "nll" (mean target NLL < v_early_stop_loss, MEMIT), "mpes" (every target token is the most
+    # probable one in every context by more than v_early_stop_margin nats, ENCORE), or "either".
+    v_early_stop: str = "nll"
+    v_early_stop_margin: float = 0.0
+    # Key reads resume from the residual stream cached at the previously read layer (False: each read starts over).
+    keys_resume: bool = True
     # Context templates: "{}" plus self-generated prefixes, sampled once per editor state with ``seed``.
     n_context_templates: int = 5
     context_template_tokens: int = 10
@@ -58,6 +73,12 @@ class EditHParams:
     # the residual stream's units (the reference uses 30 on GPT-J); 60 is about SmolLM2's median ||v1 - v0||.
     aplus_smooth_tau: float | None = 60.0
     aplus_smooth_steps: int = 10
+    # UltraEdit (workers/editing/ultraedit.py): step size of the pseudo-targets (the reference uses 1e-6 on 7B
+    # models), ridge of the least-squares fit, and whether keys/gradients are read under the context templates too
+    # (the reference reads the plain prompt only).
+    ultra_lr: float = 1e-6
+    ultra_ridge: float = 1.0
+    ultra_templates: bool = False
     # Collapse guards (workers/guards/). REVIVE filters each update out of the dominant singular subspace of the
     # pretrained matrix (chosen by energy share of sigma^2, or by rank when revive_rank is set); PRUNE caps the
     # singular values of the accumulated update W - W0 above max sigma(W0) with a log_alpha restraint.
@@ -84,6 +105,12 @@ class EditHParams:
             raise ValueError(f"layers must be a non-empty ascending list without repeats, got {self.layers}")
         if not 0.0 < self.nullspace_energy < 1.0:
             raise ValueError("nullspace_energy must be in (0, 1)")
+        if self.ultra_lr <= 0 or self.ultra_ridge <= 0:
+            raise ValueError("ultra_lr and ultra_ridge must be > 0")
+        if self.v_dtype not in V_DTYPES:
+            raise ValueError(f"v_dtype must be one of {V_DTYPES}, got {self.v_dtype!r}")
+        if self.v_early_stop not in V_EARLY_STOPS:
+            raise ValueError(f"v_early_stop must be one of {V_EARLY_STOPS}, got {self.v_early_stop!r}")
         if self.guard not in GUARDS:
             raise ValueError(f"guard must be one of {GUARDS}, got {self.guard!r}")
         if not 0.0 < self.revive_energy < 1.0:

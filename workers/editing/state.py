@@ -29,6 +29,7 @@ class EditorState:
     weights: dict[int, torch.Tensor]  # current (d_out, d_in) matrix per edited layer
     prev_keys_cov: dict[int, torch.Tensor] = field(default_factory=dict)  # sum of K K^T of applied edits
     prev_keys: dict[int, torch.Tensor] = field(default_factory=dict)  # (d_in, M) keys themselves (AlphaEdit+ only)
+    moments: dict[int, torch.Tensor] = field(default_factory=dict)  # UltraEdit's packed lifelong normaliser
     edit_ids: list[str] = field(default_factory=list)
     n_batches: int = 0
 
@@ -39,6 +40,7 @@ class EditorState:
         tensors = {f"weight.{layer}": w.detach().cpu().contiguous() for layer, w in self.weights.items()}
         tensors |= {f"prev_keys_cov.{layer}": c.detach().cpu().contiguous() for layer, c in self.prev_keys_cov.items()}
         tensors |= {f"prev_keys.{layer}": k.detach().cpu().contiguous() for layer, k in self.prev_keys.items()}
+        tensors |= {f"moments.{layer}": m.detach().cpu().contiguous() for layer, m in self.moments.items()}
         meta = {
             "format_version": FORMAT_VERSION,
             "hparams": self.hparams.to_dict(),
@@ -59,7 +61,9 @@ class EditorState:
             meta = json.loads(f.metadata()["editq_state"])
             if meta.get("format_version") != FORMAT_VERSION:
                 raise ValueError(f"{path}: unsupported state format {meta.get('format_version')}")
-            parts: dict[str, dict[int, torch.Tensor]] = {"weight": {}, "prev_keys_cov": {}, "prev_keys": {}}
+            parts: dict[str, dict[int, torch.Tensor]] = {
+                "weight": {}, "prev_keys_cov": {}, "prev_keys": {}, "moments": {}
+            }
             for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
                 kind, layer = key.rsplit(".", 1)
                 parts[kind][int(layer)] = f.get_tensor(key)
@@ -71,6 +75,7 @@ class EditorState:
             weights=parts["weight"],
             prev_keys_cov=parts["prev_keys_cov"],
             prev_keys=parts["prev_keys"],
+            moments=parts["moments"],
             edit_ids=list(meta["edit_ids"]),
             n_batches=int(meta["n_batches"]),
         )

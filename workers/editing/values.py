@@ -4,10 +4,19 @@ Each edit i gets its own offset delta_i added to the residual stream at the last
 last token of each of its prompts. The loss is a *sum* of independent per-edit losses and Adam is elementwise,
 so every delta_i follows exactly the trajectory it would alone, while all edits share each forward/backward.
 Converged edits are frozen and dropped from later forward passes (per-edit early stopping).
+
+Cost levers (each a setting, measured in ``benchmarks/edit_compute.py``):
+* ``v_prefix_cache``: layers up to the edited one and positions before the subject are computed once per batch
+  (``replay.py``); each step re-runs only the layers above on the positions from the subject on.
+* ``v_dtype="bfloat16"``: the steps' forward/backward under bf16 autocast; the offset, Adam and the losses stay
+  float32.
+* ``v_early_stop``: stop an edit when its target NLL is low (``nll``, MEMIT), or as soon as every target token is
+  the most probable one in every context (``mpes``, ENCORE's most-probable early stopping) plus a margin.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -18,6 +27,7 @@ from workers.editing.hooks import add_at_positions
 from workers.editing.hparams import EditHParams
 from workers.editing.layout import ModelLayout
 from workers.editing.prompts import Row
+from workers.editing.replay import CachedRows, encode_rows
 from workers.editing.tokens import chunks_by_tokens, pad_right
 
 
@@ -40,42 +50,112 @@ class ValueResult:
         )
 
 
-def _row_terms(
-    model: PreTrainedModel,
-    layout: ModelLayout,
-    rows: Sequence[Row],
-    delta: torch.Tensor,
-    layer: int,
-    pad_id: int,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Forward ``rows`` with delta applied; return per-row NLL (rewrite rows) and per-row log-probs (KL rows)."""
-    device = delta.device
-    batch = pad_right([r.ids for r in rows], pad_id).to(device)
+@dataclass
+class _Terms:
+    """Per-row loss terms of one chunk: target NLL and the smallest margin of a target token over the best other
+    token (rewrite rows; > 0 means every target token is the argmax), log-probs at the subject (KL rows)."""
+
+    nll: torch.Tensor  # (n,), 0 for KL rows
+    margin: torch.Tensor  # (n,) log-prob margin, +inf for KL rows
+    kl_logprobs: torch.Tensor | None  # (n_kl, V)
+
+
+def _terms_from_hidden(
+    model: PreTrainedModel, rows: Sequence[Row], hidden: torch.Tensor, offsets: Sequence[int]
+) -> _Terms:
+    """Loss terms from final hidden states; ``offsets[i]`` is the column of row i's position 0 in ``hidden``
+    minus 0 (full rows) or its prefix length (cached rows, whose hidden starts at the subject)."""
+    device = hidden.device
     n = len(rows)
-    row_idx = torch.arange(n, device=device)
-    subj = torch.tensor([r.subject_pos for r in rows], device=device)
-    edit = torch.tensor([r.edit for r in rows], device=device)
-    with add_at_positions(layout.block(model, layer), row_idx, subj, lambda: delta[edit]):
-        hidden = model.base_model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-        ).last_hidden_state
     head = model.get_output_embeddings()
     nll = torch.zeros(n, device=device)
+    margin = torch.full((n,), float("inf"), device=device)
     rewrite = [i for i, r in enumerate(rows) if r.target_pos]
     if rewrite:
         tok_rows = torch.tensor([i for i in rewrite for _ in rows[i].target_pos], device=device)
-        tok_pos = torch.tensor([p for i in rewrite for p in rows[i].target_pos], device=device)
+        tok_pos = torch.tensor([p - offsets[i] for i in rewrite for p in rows[i].target_pos], device=device)
         tok_ids = torch.tensor([t for i in rewrite for t in rows[i].target_ids], device=device)
         logp = torch.log_softmax(head(hidden[tok_rows, tok_pos]).float(), dim=-1)
-        tok_nll = -logp.gather(1, tok_ids[:, None]).squeeze(1)
-        counts = torch.zeros(n, device=device).index_add_(0, tok_rows, torch.ones_like(tok_nll))
-        nll = torch.zeros(n, device=device).index_add(0, tok_rows, tok_nll) / counts.clamp(min=1)
+        tok_logp = logp.gather(1, tok_ids[:, None]).squeeze(1)
+        counts = torch.zeros(n, device=device).index_add_(0, tok_rows, torch.ones_like(tok_logp))
+        nll = torch.zeros(n, device=device).index_add(0, tok_rows, -tok_logp) / counts.clamp(min=1)
+        with torch.no_grad():
+            others = logp.detach().scatter(1, tok_ids[:, None], float("-inf")).max(dim=1).values
+            tok_margin = tok_logp.detach() - others
+            margin = margin.scatter_reduce(0, tok_rows, tok_margin, reduce="amin")
     kl_idx = [i for i, r in enumerate(rows) if not r.target_pos]
     kl_logprobs = None
     if kl_idx:
         idx = torch.tensor(kl_idx, device=device)
-        kl_logprobs = torch.log_softmax(head(hidden[idx, subj[idx]]).float(), dim=-1)
-    return nll, kl_logprobs
+        pos = torch.tensor([rows[i].subject_pos - offsets[i] for i in kl_idx], device=device)
+        kl_logprobs = torch.log_softmax(head(hidden[idx, pos]).float(), dim=-1)
+    return _Terms(nll, margin, kl_logprobs)
+
+
+class _FullRows:
+    """Reference path: every step forwards whole rows through the whole model (MEMIT's compute_z)."""
+
+    def __init__(self, model: PreTrainedModel, layout: ModelLayout, rows: Sequence[Row], layer: int, pad_id: int):
+        self.model, self.layout, self.rows, self.layer, self.pad_id = model, layout, rows, layer, pad_id
+
+    def cost(self, i: int) -> int:
+        return len(self.rows[i].ids)
+
+    def terms(self, idx: Sequence[int], delta: torch.Tensor) -> _Terms:
+        device = delta.device
+        rows = [self.rows[i] for i in idx]
+        batch = pad_right([r.ids for r in rows], self.pad_id).to(device)
+        row_idx = torch.arange(len(rows), device=device)
+        subj = torch.tensor([r.subject_pos for r in rows], device=device)
+        edit = torch.tensor([r.edit for r in rows], device=device)
+        with add_at_positions(self.layout.block(self.model, self.layer), row_idx, subj, lambda: delta[edit]):
+            hidden = self.model.base_model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+            ).last_hidden_state
+        return _terms_from_hidden(self.model, rows, hidden, [0] * len(rows))
+
+
+class _CachedPrefixRows:
+    """Fast path: prefix and lower layers computed once (``replay.encode_rows``), steps re-run the rest."""
+
+    def __init__(
+        self, model: PreTrainedModel, layout: ModelLayout, rows: Sequence[Row], layer: int, pad_id: int,
+        max_batch_tokens: int, cache_dtype: torch.dtype | None = None,
+    ):
+        self.model, self.layout, self.rows = model, layout, rows
+        split = [r.subject_pos for r in rows]
+        self.cached: CachedRows = encode_rows(
+            model, layout, [r.ids for r in rows], split, layer, pad_id, max_batch_tokens
+        )
+        if cache_dtype is not None:
+            self.cached.cast_cache(cache_dtype)
+        self.suffix = self.cached.suffix_len.tolist()
+        self.split = split
+
+    def cost(self, i: int) -> int:
+        return self.suffix[i]
+
+    def terms(self, idx: Sequence[int], delta: torch.Tensor) -> _Terms:
+        device = delta.device
+        rows = [self.rows[i] for i in idx]
+        edit = torch.tensor([r.edit for r in rows], device=device)
+
+        def add(hidden: torch.Tensor) -> torch.Tensor:
+            # The subject's last token is column 0 of every suffix.
+            first = hidden[:, :1] + delta[edit].to(hidden.dtype)[:, None]
+            return torch.cat([first, hidden[:, 1:]], dim=1)
+
+        hidden = self.cached.forward(self.model, self.layout, torch.tensor(list(idx), device=device), add)
+        return _terms_from_hidden(self.model, rows, hidden, [self.split[i] for i in idx])
+
+
+def _stopped(hp: EditHParams, nll: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    """Per edit: has its optimisation reached the target (see ``EditHParams.v_early_stop``)?"""
+    low_nll = nll < hp.v_early_stop_loss
+    if hp.v_early_stop == "nll":
+        return low_nll
+    confident = margin > hp.v_early_stop_margin
+    return confident if hp.v_early_stop == "mpes" else confident | low_nll
 
 
 def compute_target_values(
@@ -92,6 +172,14 @@ def compute_target_values(
     device = v_init.device
     n_edits, _ = v_init.shape
     layer = hp.layers[-1]
+    all_rows = [*rewrite, *kl]
+    low = hp.v_dtype == "bfloat16"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if low else contextlib.nullcontext()
+    source = (  # the cache is computed in the model's own precision, once
+        _CachedPrefixRows(model, layout, all_rows, layer, pad_id, hp.v_max_batch_tokens,
+                          torch.bfloat16 if low else None)
+        if hp.v_prefix_cache else _FullRows(model, layout, all_rows, layer, pad_id)
+    )
     v_init32 = v_init.to(torch.float32)
     delta = torch.zeros_like(v_init32, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
@@ -108,24 +196,28 @@ def compute_target_values(
         steps = step + 1
         opt.zero_grad()
         keep = active.tolist()
-        rows = [r for r in (*rewrite, *kl) if keep[r.edit]]
+        live = [i for i, r in enumerate(all_rows) if keep[r.edit]]
         nll_step = torch.zeros(n_edits, device=device)
-        for group in chunks_by_tokens([len(r.ids) for r in rows], hp.v_max_batch_tokens):
-            chunk = [rows[i] for i in group]
-            nll, kl_logprobs = _row_terms(model, layout, chunk, delta, layer, pad_id)
+        margin_step = torch.full((n_edits,), float("inf"), device=device)
+        for group in chunks_by_tokens([source.cost(i) for i in live], hp.v_max_batch_tokens):
+            idx = [live[g] for g in group]
+            chunk = [all_rows[i] for i in idx]
+            with autocast:
+                terms = source.terms(idx, delta)
             edits = torch.tensor([r.edit for r in chunk], device=device)
             is_rw = torch.tensor([bool(r.target_pos) for r in chunk], device=device)
             rw_edits = edits[is_rw]
             per_edit = torch.zeros(n_edits, device=device).index_add(
-                0, rw_edits, nll[is_rw] / n_templates[rw_edits]
+                0, rw_edits, terms.nll[is_rw] / n_templates[rw_edits]
             )
             nll_step += per_edit.detach()
-            if kl_logprobs is not None:
+            margin_step = margin_step.scatter_reduce(0, rw_edits, terms.margin[is_rw], reduce="amin")
+            if terms.kl_logprobs is not None:
                 kl_edits = edits[~is_rw]
                 if step == 0:
-                    kl_init[kl_edits] = kl_logprobs.detach()
+                    kl_init[kl_edits] = terms.kl_logprobs.detach()
                 ref = kl_init[kl_edits]
-                kl_term = (kl_logprobs.exp() * (kl_logprobs - ref)).sum(-1)
+                kl_term = (terms.kl_logprobs.exp() * (terms.kl_logprobs - ref)).sum(-1)
                 per_edit = per_edit.index_add(0, kl_edits, hp.kl_factor * kl_term)
             per_edit.sum().backward()
         # Weight decay on the offset relative to the value's own norm (MEMIT uses ||delta||, not its square);
@@ -135,9 +227,9 @@ def compute_target_values(
         nll_per_edit = torch.where(active, nll_step, nll_per_edit)
         if progress:
             progress("v* optimisation", step + 1, hp.v_num_grad_steps)
-        # Stop an edit once its target is reached (NLL below the threshold). MEMIT tests the total loss, but
-        # the decay and KL regularisers alone keep that above 5e-2 here, so every edit ran all steps.
-        active = active & ~(nll_step < hp.v_early_stop_loss)
+        # Stop an edit once its target is reached. MEMIT tests the total loss, but the decay and KL regularisers
+        # alone keep that above 5e-2 here, so every edit ran all steps.
+        active = active & ~_stopped(hp, nll_step, margin_step)
         if not bool(active.any()) or step == hp.v_num_grad_steps - 1:
             break
         frozen = delta.detach().clone()

@@ -1,8 +1,9 @@
 """Committing weight versions without the controller, for serving tests and benchmarks.
 
 ``commit_edits`` runs the real editor on a batch and stores the result exactly as the controller's commit does
-(``build_manifest`` + ``LocalWeightStore.put``); ``commit_scaled`` stores a deliberately broken version (every
-edited matrix scaled), the kind of update a canary gate must stop.
+(``build_manifest`` with the version's reference answers + ``LocalWeightStore.put``); ``commit_scaled`` stores a
+deliberately broken version (every edited matrix scaled, no reference answers), the kind of update a canary gate must
+stop; ``store_base_reference`` stores version 0's reference answers as an edit worker does when it starts.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch
 
 from shared.delta import MatrixDelta, tensor_sha256
 from shared.schemas import EditRequest
-from shared.weight_store import LocalWeightStore, VersionManifest, build_manifest, rebuild
+from shared.weight_store import LocalWeightStore, ReferenceAnswers, VersionManifest, build_manifest, rebuild
+from workers.evaluation.reference_answers import reference_answers
 from workers.serving.weights import BaseReader
 
 
@@ -31,9 +33,17 @@ def commit_edits(
     manifest = build_manifest(
         version, parent, base_model, result.edit_ids, editor.hparams.algo, result.deltas,
         {d.name: checksums[d.name] for d in result.deltas}, hparams=editor.hparams.to_dict(),
+        reference=reference_answers(editor.model, editor.tokenizer),
     )
-    store.put(manifest, result.deltas, {f"keys.{k}": v for k, v in result.edited_keys.items()})
+    store.put(manifest, result.deltas, result.aux)
     return store.manifest(version)
+
+
+def store_base_reference(store: LocalWeightStore, model: object, tokenizer: object) -> ReferenceAnswers:
+    """Version 0's reference answers (``model`` must be the unedited base model)."""
+    reference = reference_answers(model, tokenizer)
+    store.put_base_reference(reference)
+    return reference
 
 
 def commit_scaled(

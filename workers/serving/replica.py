@@ -11,6 +11,10 @@ verify (checksums of what each worker read, and each live kernel's output on inp
 change), reset the prefix cache (its result checked), label the version in vLLM, resume. A failed check reloads the
 previous matrices the same way before resuming, so the replica is always on exactly one known version.
 
+Served = evaluated (``agreement.py``): at start and after every swap, before taking traffic, the engine's greedy
+answers on the version's probes must be the reference's. A start that disagrees leaves the replica ``failed``; a
+swap that disagrees is undone like any failed check (so a canary's disagreement rolls the version back).
+
 No response mixes versions: the gate stops new requests before the drain, and the drain lets every admitted
 request finish on the old weights, so each request runs entirely between two swaps. The version stamped on a
 response is fixed at admission; vLLM's own per-token ``weight_versions`` spans are checked against it.
@@ -19,6 +23,7 @@ response is fixed at admission; vLLM's own per-token ``weight_versions`` spans a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -32,8 +37,9 @@ from typing import Any
 from shared.metrics import Metrics, default_metrics
 from shared.streams import EditStreams
 from shared.weight_store import BASE_VERSION, LocalWeightStore
+from workers.serving.agreement import AgreementError, AgreementGate
 from workers.serving.config import ServingSettings
-from workers.serving.engine import create_engine, sampling_params, scoring_params
+from workers.serving.engine import create_engine, resolve_dtype, sampling_params, scoring_params
 from workers.serving.retrieval import QueryRetrieval, query_text
 from workers.serving.schemas import (
     GenerateRequest,
@@ -79,6 +85,7 @@ class Replica:
         self.counts = {"served": 0, "failed": 0, "mixed": 0, "swaps": 0}
         self.error: str | None = None
         self.last_swap: SwapReport | None = None
+        self.agreement: AgreementGate | None = None  # served = evaluated checks, from the engine's start
         self._in_flight = 0
         self._admitting = 0
         self._start_task: asyncio.Task | None = None
@@ -111,6 +118,10 @@ class Replica:
             self.version, self.current = BASE_VERSION, VersionMatrices(BASE_VERSION)
             await self.engine.update_weight_version(str(BASE_VERSION))
             log.info("%s: engine up in %.1f s", self.name, time.perf_counter() - t0)
+            self.agreement = AgreementGate(self.name, self.store, self.settings.resolved_model_path(),
+                                           self.tokenizer, self.metrics, resolve_dtype(self.settings.serving_dtype))
+            if not (report := await self.agreement.check(self.engine, BASE_VERSION)).ok:
+                raise AgreementError(report.summary())
             await self._catch_up()
             self.state = ReplicaState.ready
             self.metrics.set("editq_replica_version", self.version, replica=self.name)
@@ -156,7 +167,7 @@ class Replica:
             name=self.name, state=self.state, version=self.version, incarnation=self.incarnation,
             started_at=self.started_at, in_flight=self._in_flight, served=self.counts["served"],
             failed=self.counts["failed"], mixed_versions=self.counts["mixed"], swaps=self.counts["swaps"],
-            last_swap=self.last_swap, error=self.error,
+            last_swap=self.last_swap, agreement=self.agreement.last if self.agreement else None, error=self.error,
         )
 
     async def check_health(self) -> ReplicaStatus:
@@ -329,10 +340,7 @@ class Replica:
                     self.state = ReplicaState.ready
                 return report.model_copy(update={"ok": True, "noop": True, "checksums_ok": True})
             target, _ = await asyncio.to_thread(materialise, self.store, self.base, version, self.current)
-            previous = VersionMatrices(self.current.version, {
-                n: self.current.matrices[n] if n in self.current.matrices else self.base.read(n, t)
-                for n, t in target.transposed.items()
-            }, dict(target.transposed), dict(self.current.expected))
+            previous = self.current.covering(target, self.base)
             files = await asyncio.to_thread(write_swap_files, self.work_dir, target, previous)
             report.materialise_s = time.perf_counter() - t0
             report.matrices, report.bytes_loaded = len(target.matrices), target.dense_bytes
@@ -348,16 +356,26 @@ class Replica:
                 timeout = pause_timeout_s or self.settings.serving_pause_timeout_s
                 report.drain = await drain(self.engine, self._admitted, timeout, self.name)
                 t_load = time.perf_counter()
+                paused = True
                 try:
                     report.checksums_ok, report.max_probe_error = await load_and_verify(
                         self.engine, files.target, files.probe, target, rtol
                     )
                     if not await reset_prefix_cache(self.engine):
                         raise SwapCheckError("the prefix cache could not be reset (blocks still in use)")
+                    # The gate stays closed: only the check's own requests run on the new weights.
+                    await self.engine.resume_generation()
+                    paused = False
+                    report.agreement = await self.agreement.check(self.engine, version)
+                    if not report.agreement.ok:
+                        raise AgreementError(report.agreement.summary())
                 except Exception as err:
                     report.error = f"{type(err).__name__}: {err}"[:1000]
                     log.error("%s: swap to %d failed (%s): restoring version %s", self.name, version, report.error,
                               self.version)
+                    if not paused:  # nothing runs (gate closed, the check done): restore even if pausing fails
+                        with contextlib.suppress(Exception):
+                            await self.engine.pause_generation(mode="wait", clear_cache=False)
                     await self._restore(files, previous)
                 else:
                     await self.engine.update_weight_version(str(version))

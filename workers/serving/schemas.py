@@ -106,6 +106,53 @@ class ScoreResult(BaseModel):
     replica: str
 
 
+class ProbeComparison(BaseModel):
+    """One probe: where the served continuation first leaves the reference's, and how close the choice was."""
+
+    name: str
+    verdict: Literal["agree", "near_tie", "disagree"]
+    position: int | None = Field(default=None, description="Index of the first differing generated token.")
+    reference_gap: float | None = Field(default=None, description="Reference top-1 minus top-2 logit there.")
+    served_gap: float | None = Field(default=None, description="The served engine's own top-2 log-prob gap there.")
+    tolerance: float | None = None
+    prompt: str = ""
+    reference_text: str = ""
+    served_text: str = ""
+
+
+class AgreementReport(BaseModel):
+    """The check of one replica at one version. ``checked`` False: no reference answers were stored for it."""
+
+    version: int
+    ok: bool
+    checked: bool = True
+    probes: int = 0
+    near_ties: list[ProbeComparison] = Field(default_factory=list)
+    disagreements: list[ProbeComparison] = Field(default_factory=list)
+    seconds: float = 0.0
+    error: str | None = None
+
+    def summary(self) -> str:
+        """One line for logs and gate details, naming each disagreeing prompt and both answers."""
+        if not self.checked:
+            return f"version {self.version}: no reference answers stored, agreement not checked"
+        if self.error:
+            return f"version {self.version}: agreement check failed to run: {self.error}"
+        head = (f"version {self.version}: {self.probes - len(self.disagreements)}/{self.probes} probes agree with "
+                f"the reference ({len(self.near_ties)} near ties)")
+        if self.disagreements:
+            head += ", disagreeing: " + ", ".join(c.name for c in self.disagreements)
+        parts = [head]
+        for c in self.disagreements:
+            parts.append(f"DISAGREE {c.name} at token {c.position} (reference gap {c.reference_gap:.4g}): prompt "
+                         f"{c.prompt!r} -> served {c.served_text!r}, reference {c.reference_text!r}")
+        for c in self.near_ties:
+            served = "n/a" if c.served_gap is None else f"{c.served_gap:.3g}"
+            parts.append(f"near tie {c.name} at token {c.position} (reference gap {c.reference_gap:.3g} <= "
+                         f"{c.tolerance:.3g}, served gap {served})")
+        return "; ".join(parts)
+
+
 class SwapReport(BaseModel):
     """What one swap did and how long generation was paused; ``ok`` False means the replica is back on
     ``from_version`` (or ``failed`` when even that could not be restored)."""
@@ -125,6 +172,9 @@ class SwapReport(BaseModel):
     checksums_ok: bool = False
     max_probe_error: float | None = None
     min_probe_separation: float | None = None
+    agreement: AgreementReport | None = Field(
+        default=None, description="The served-vs-reference check at the target (None when the swap failed before)."
+    )
     error: str | None = None
 
 
@@ -140,6 +190,7 @@ class ReplicaStatus(BaseModel):
     mixed_versions: int = Field(default=0, description="Responses whose tokens came from two versions (never >0).")
     swaps: int = 0
     last_swap: SwapReport | None = None
+    agreement: AgreementReport | None = Field(default=None, description="The latest served-vs-reference check.")
     error: str | None = None
 
     @property

@@ -44,6 +44,13 @@ class VersionMatrices:
         save_file(tensors, str(path))
         return path
 
+    def covering(self, target: VersionMatrices, base: BaseReader) -> VersionMatrices:
+        """These matrices for every name ``target`` holds (base values where this version changed nothing): what a
+        swap from this version to ``target`` must be able to restore."""
+        return VersionMatrices(self.version, {
+            n: self.matrices[n] if n in self.matrices else base.read(n, t) for n, t in target.transposed.items()
+        }, dict(target.transposed), dict(self.expected))
+
     def checkpoint_sha256(self) -> dict[str, str]:
         """sha256 of each tensor as written (what the engine's worker must report after reading the file)."""
         return {
