@@ -1,10 +1,12 @@
-"""Pipeline throughput and latency: sustained edits/s and XADD-to-version-committed latency (p50/p95).
+"""Pipeline throughput and latency: sustained edits/s and XADD-to-applied latency (p50/p95).
 
 For each (batch window, worker count) it starts a fresh controller on its own namespace, streams CounterFact edits
 into Redis at a fixed arrival rate (0 = all at once, a backlog), and measures from the Redis stream ids themselves:
-an edit's entry id holds its XADD time and its outcome entry id the commit time (both the server's clock).
+an edit's entry id holds its XADD time and its terminal outcome's entry id the time it was applied (both the
+server's clock): the commit without serving replicas, the end of the canary rollout with them (``--replicas``).
 
     python benchmarks/pipeline.py --edits 40 --windows 0.5,2,5 --workers 1,2 --out benchmarks/results/pipeline_cpu.json
+    python benchmarks/pipeline.py --edits 30 --rate 0.2 --replicas 1 --out ...   # offered load, served
 """
 
 from __future__ import annotations
@@ -74,13 +76,33 @@ async def _drive(settings: Settings, requests, rate: float, timeout_s: float) ->
         await streams.close()
 
 
+async def _wait_for_replicas(settings: Settings, timeout_s: float = 900) -> None:
+    """Until every replica serves (engines started): the benchmark measures edits, not engine start-up."""
+    from controller.router import replica_clients, wait_ready
+
+    deadline = time.monotonic() + timeout_s
+    while True:  # the controller spawns the replicas shortly after it starts: wait for the named actors
+        try:
+            statuses = await wait_ready(replica_clients(settings), timeout_s)
+            break
+        except ValueError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(1)
+    if any(s.state.value != "ready" for s in statuses):
+        raise RuntimeError(f"replicas did not become ready: {[s.error for s in statuses]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--edits", type=int, default=40)
     parser.add_argument("--rate", type=float, default=0.0, help="Arrival rate in edits/s; 0 submits a backlog.")
     parser.add_argument("--windows", default="0.5,2,5", help="batch_max_wait_s values")
     parser.add_argument("--workers", default="1,2")
-    parser.add_argument("--batch-size", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--settle", type=float, default=None, help="batch_settle_s (default: the setting's)")
+    parser.add_argument("--replicas", type=int, default=0, help="vLLM serving replicas (0: applied at commit)")
+    parser.add_argument("--hparams", type=Path, default=None, help="editor hyperparameters JSON (EDITQ_HPARAMS_PATH)")
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -95,6 +117,9 @@ def main() -> None:
                 "redis_url": redis.url, "namespace": f"bench-pipeline-{workers}w-{window}", "n_edit_workers": workers,
                 "batch_max_wait_s": window, "batch_max_size": args.batch_size,
                 "worker_num_cpus": max(0.5, (os.cpu_count() or 2) / workers),
+                "serving_replicas": args.replicas, "serving_replica_num_cpus": 0,
+                "retrieval_enabled": False, "hparams_path": args.hparams,
+                **({"batch_settle_s": args.settle} if args.settle is not None else {}),
             })
             store = settings.resolved_store_dir()
             if store.exists():
@@ -105,12 +130,14 @@ def main() -> None:
             actor, run_ref = start_controller(settings)
             while ray.get(actor.status.remote()).state != "running":  # measure the pipeline, not its start-up
                 time.sleep(0.5)
+            if args.replicas:
+                asyncio.run(_wait_for_replicas(settings))
             try:
                 row = asyncio.run(_drive(settings, requests, args.rate, args.timeout))
             finally:
-                stop_controller(actor, run_ref)
+                stop_controller(actor, run_ref, settings=settings)
             row |= {"workers": workers, "batch_max_wait_s": window, "batch_max_size": args.batch_size,
-                    "rate": args.rate}
+                    "batch_settle_s": settings.batch_settle_s, "rate": args.rate, "replicas": args.replicas}
             rows.append(row)
             print(json.dumps(row), flush=True)
     out = {

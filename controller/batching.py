@@ -1,5 +1,10 @@
 """Forming weight-update batches from the edit stream: size cap, wait cap, and no conflicting edits together.
 
+Adaptive size: a partial batch goes out as soon as arrivals pause for ``settle_s`` (a burst is one batch), or when
+its oldest edit waited ``max_wait_s``. The controller takes a batch only when its workers are free, so while one
+batch computes the next one fills: under a backlog batches are full (throughput), at low load an edit leaves after
+the short settle instead of the whole window (latency).
+
 Two edits of the same subject and prompt must not share a batch: their closed-form solve would average them.
 Stream order decides instead: the later one waits for the next batch, so it is applied after (and wins over) the
 earlier one. Pure logic, no I/O, so it is tested on its own.
@@ -26,9 +31,11 @@ class Batcher:
 
     max_size: int
     max_wait_s: float
+    settle_s: float | None = None  # None: partial batches wait the whole max_wait_s
     clock: Callable[[], float] = time.monotonic
     _pending: list[StreamEntry] = field(default_factory=list)
     _since: float | None = None  # when the oldest pending entry arrived
+    _last: float | None = None  # when the newest pending entry arrived
 
     def __post_init__(self) -> None:
         if self.max_size < 1:
@@ -36,6 +43,7 @@ class Batcher:
 
     def add(self, entries: Iterable[StreamEntry]) -> None:
         held = {e.stream_id for e in self._pending}
+        held_before = len(self._pending)
         for entry in entries:
             if entry.request is None:
                 raise ValueError(f"entry {entry.stream_id} has no valid request")
@@ -44,6 +52,8 @@ class Batcher:
                 held.add(entry.stream_id)
         if self._pending and self._since is None:
             self._since = self.clock()
+        if self._pending and len(self._pending) > held_before:
+            self._last = self.clock()
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -58,7 +68,10 @@ class Batcher:
         if len(self._pending) >= self.max_size:
             return 0.0
         assert self._since is not None
-        return max(0.0, self._since + self.max_wait_s - self.clock())
+        due = self._since + self.max_wait_s
+        if self.settle_s is not None and self._last is not None:
+            due = min(due, self._last + self.settle_s)
+        return max(0.0, due - self.clock())
 
     def take(self, force: bool = False) -> list[StreamEntry]:
         """The next batch if one is due (full, or the oldest entry waited ``max_wait_s``), else an empty list."""
@@ -81,11 +94,11 @@ class Batcher:
                 keys.add(key)
                 rest.append(entry)
         self._pending = rest
-        self._since = self.clock() if rest else None
+        self._since = self._last = self.clock() if rest else None
         return batch
 
     def drop(self, stream_ids: Iterable[str]) -> None:
         gone = set(stream_ids)
         self._pending = [e for e in self._pending if e.stream_id not in gone]
         if not self._pending:
-            self._since = None
+            self._since = self._last = None

@@ -1,21 +1,28 @@
 """After a commit: make the version live and give its edits their terminal outcome.
 
 Without a serving tier a committed version is live at once (its edits were recorded ``applied`` in the commit).
-With one, the commit records them ``committed`` and the version is rolled out canary-first (``RolloutManager``):
+With one, the commit records them ``committed`` and a rollout task (``ensure_rolling``) rolls the *newest* committed
+version out canary-first (``RolloutManager``), while the controller already computes the next batch on it: the
+canary gates no longer add to every batch. When several versions wait, only the newest is rolled out (it holds the
+earlier ones' edits); the earlier ones are marked ``superseded``.
 
-* ``live``: the edits become ``applied``; edit workers follow the version. Edits the worker's efficacy check found
-  not taking (``VersionManifest.missed_edit_ids``) are ``applied`` with reason ``efficacy`` and stay in the
-  retrieval tier; the others are retired from it.
-* ``rolled_back``: the edits end ``rolled_back`` with the failed gate as reason, and the head returns to the
-  version the replicas still serve, so the next batch is computed on the weights that are actually served.
-* ``skipped`` (no replica ready yet, e.g. engines still starting): the rollout is retried; no new batch starts
-  while a version waits, so at most one version is ever between commit and live.
+* ``live``: the edits of every version up to it become ``applied``. Edits the worker's efficacy check found not
+  taking (``VersionManifest.missed_edit_ids``) are ``applied`` with reason ``efficacy`` and stay in the retrieval
+  tier; the others are retired from it.
+* ``rolled_back``: the edits end ``rolled_back`` with the failed gate as reason, and so do the edits of every version
+  committed on top of it meanwhile (they were computed on weights that will not be served); the head returns to the
+  version the replicas still serve and the edit workers follow it, so the next batch is computed on the weights that
+  are actually served (a batch computed on a discarded head fails to commit and is recomputed: ``HeadRevertedError``).
+* ``skipped`` (no replica ready yet, e.g. engines still starting): the rollout is retried. At most
+  ``rollout_max_pending_versions`` versions are ever between commit and live (the controller waits beyond that).
 
-A controller restarted while a version was committed but not yet live resumes its rollout (head > live).
+A controller restarted while versions were committed but not yet live resumes their rollout (head > live).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -26,7 +33,7 @@ from shared.metrics import Metrics
 from shared.outcomes import EditOutcome, EditState, ReasonCode, Route
 from shared.schemas import EditRequest
 from shared.streams import EditStreams, Finished
-from shared.weight_store import WeightStore
+from shared.weight_store import StoreError, VersionManifest, WeightStore
 
 log = logging.getLogger("editq.publish")
 
@@ -48,6 +55,7 @@ class Publisher:
         metrics: Metrics,
         rollout: RolloutManager | None = None,
         retire: Callable[[list[str]], Awaitable[int]] | None = None,
+        retry_s: float = 2.0,
     ) -> None:
         self.streams = streams
         self.pool = pool
@@ -55,52 +63,54 @@ class Publisher:
         self.metrics = metrics
         self.rollout = rollout
         self.retire = retire  # removes live edits from the retrieval tier (None: no tier)
-        self.pending: int | None = None  # a committed version still waiting for its rollout
+        self.retry_s = retry_s  # between rollout attempts of a version no replica could take yet
+        self.pending: int | None = None  # a committed version whose last rollout attempt was skipped
+        self._task: asyncio.Task | None = None
 
     @property
     def commit_state(self) -> EditState:
         """The state a commit records: terminal ``applied`` unless a rollout still has to make it live."""
         return EditState.committed if self.rollout is not None else EditState.applied
 
-    async def publish(self, version: int, requests: Sequence[EditRequest], missed: Sequence[str] = ()) -> str:
-        """Make a just-committed version live (or roll it back); returns ``live``, ``rolled_back`` or ``pending``.
-        ``missed``: edits of the version that did not take (they stay in the retrieval tier)."""
-        ids = [r.edit_id for r in requests]
-        taken = [e for e in ids if e not in set(missed)]
-        if self.rollout is None:
-            await self.streams.set_live(version)
-            await self.streams.set_version_status(version, "live")
-            self.metrics.set("editq_live_version", version)
-            await self._retire(taken)
-            await self._follow(version)
-            return "live"
-        # Probe only the edits that took on the worker: the canary must reproduce the update, and the edits the
-        # efficacy check found weak are answered by the tier, not by these weights.
-        result = await self.rollout.deploy(version, probes_from_requests([r for r in requests if r.edit_id in taken]))
-        if result.status == "live":
-            recorded = await self._finish(taken, EditState.applied, version)
-            if missed:
-                recorded += await self._finish_missed(missed, version)
-            self.metrics.inc("editq_outcomes", recorded, state=EditState.applied.value)
-            self.pending = None
-            await self._retire(taken)
-            await self._follow(version)
-            return "live"
-        if result.status == "rolled_back":
-            recorded = await self._finish(ids, EditState.rolled_back, version, ReasonCode.rollout,
-                                          self.retrieval_note(result.reason or "rollout gate failed"))
-            self.metrics.inc("editq_outcomes", recorded, state=EditState.rolled_back.value)
-            await self.streams.revert_head(version, result.previous)
-            self.pending = None
-            log.error("version %d rolled back (%s); head back to %d", version, result.reason, result.previous)
-            await self._follow(result.previous)
-            return "rolled_back"
-        self.pending = version
-        log.warning("version %d waits for its rollout: %s", version, result.reason)
-        return "pending"
+    # ---- the rollout task -------------------------------------------------------------------------------------
+    @property
+    def rolling(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def ensure_rolling(self) -> None:
+        """Start the rollout task when a committed version is not live yet and none runs (after every commit, and
+        periodically, so a restarted controller or a failed task resumes)."""
+        if self.rollout is None or self.rolling:
+            return
+        if await self.streams.head() > await self.streams.live():
+            self._task = asyncio.get_running_loop().create_task(self._roll())
+
+    async def _roll(self) -> None:
+        """Roll out the newest committed version until the live version is the head."""
+        while True:
+            try:
+                outcome = await self.resume()
+            except Exception as err:  # Redis or store trouble: retried by the next ensure_rolling
+                log.warning("rollout failed: %s", err)
+                return
+            if outcome is None:
+                return
+            if outcome == "pending":
+                await asyncio.sleep(self.retry_s)
+
+    async def stop(self, grace_s: float = 60.0) -> None:
+        """Let a running rollout finish (bounded), so no replica is left held mid-canary; then cancel it."""
+        if self._task is None:
+            return
+        with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError, Exception):
+            await asyncio.wait_for(asyncio.shield(self._task), grace_s)
+        if not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
 
     async def resume(self) -> str | None:
-        """Roll out a committed head the replicas do not serve yet (after a restart, or a skipped rollout)."""
+        """One rollout attempt of the newest committed version the replicas do not serve yet (None: all live)."""
         if self.rollout is None:
             return None
         head, live = await self.streams.head(), await self.streams.live()
@@ -111,6 +121,88 @@ class Publisher:
         requests = await self.streams.requests(manifest.edit_ids)
         ordered = [requests[e] for e in manifest.edit_ids if e in requests]
         return await self.publish(head, ordered, manifest.missed_edit_ids)
+
+    # ---- one rollout --------------------------------------------------------------------------------------------
+    async def publish(self, version: int, requests: Sequence[EditRequest], missed: Sequence[str] = ()) -> str:
+        """Make committed ``version`` live (or roll it back); returns ``live``, ``rolled_back`` or ``pending``.
+        ``requests``/``missed``: its own edits and those that did not take (they stay in the retrieval tier); the
+        edits of earlier versions that were never live are read from their manifests and decided with it."""
+        ids = [r.edit_id for r in requests]
+        if self.rollout is None:
+            taken = [e for e in ids if e not in set(missed)]
+            await self.streams.set_live(version)
+            await self.streams.set_version_status(version, "live")
+            self.metrics.set("editq_live_version", version)
+            await self._retire(taken)
+            await self._follow(version)
+            return "live"
+        live = await self.streams.live()
+        earlier = self._chain(self._parent(version), live)
+        groups = [(m.version, m.edit_ids) for m in earlier] + [(version, ids)]  # each edit keeps its own version
+        all_missed = {*missed, *(e for m in earlier for e in m.missed_edit_ids)}
+        earlier_ids = [e for m in earlier for e in m.edit_ids]
+        known = await self.streams.requests(earlier_ids)
+        probed = [r for r in (*(known[e] for e in earlier_ids if e in known), *requests) if r.edit_id not in all_missed]
+        # Probe only the edits that took on the worker: the canary must reproduce the update, and the edits the
+        # efficacy check found weak are answered by the tier, not by these weights.
+        result = await self.rollout.deploy(version, probes_from_requests(probed))
+        if result.status == "live":
+            recorded = 0
+            for number, edit_ids in groups:
+                recorded += await self._finish([e for e in edit_ids if e not in all_missed], EditState.applied, number)
+                recorded += await self._finish_missed([e for e in edit_ids if e in all_missed], number)
+            self.metrics.inc("editq_outcomes", recorded, state=EditState.applied.value)
+            for manifest in earlier:
+                await self.streams.set_version_status(manifest.version, "superseded")
+            self.pending = None
+            await self._retire([e for _, edit_ids in groups for e in edit_ids if e not in all_missed])
+            return "live"
+        if result.status == "rolled_back":
+            await self._roll_back(version, groups, result.previous, result.reason)
+            return "rolled_back"
+        self.pending = version
+        log.warning("version %d waits for its rollout: %s", version, result.reason)
+        return "pending"
+
+    async def _roll_back(
+        self, version: int, groups: list[tuple[int, list[str]]], previous: int, reason: str | None
+    ) -> None:
+        """``version`` (with the never-live versions below it: ``groups`` of version and edit ids) failed a gate:
+        their edits end rolled_back, and so do those of versions committed on top of it during the rollout; the
+        head returns to ``previous``."""
+        reason = reason or "rollout gate failed"
+        recorded = 0
+        for number, edit_ids in groups:
+            recorded += await self._finish(edit_ids, EditState.rolled_back, number, ReasonCode.rollout,
+                                           self.retrieval_note(reason))
+        old_head = await self.streams.revert_head_to(previous)
+        for manifest in self._chain(old_head, version):  # built on the refused version: never to be served
+            recorded += await self._finish(
+                manifest.edit_ids, EditState.rolled_back, manifest.version, ReasonCode.rollout,
+                self.retrieval_note(f"built on version {version}, which was rolled back ({reason})"),
+            )
+        for number in range(previous + 1, max(old_head, version) + 1):
+            if number != version:  # the rollout manager marked the refused one itself
+                await self.streams.set_version_status(number, "rolled_back")
+        self.metrics.inc("editq_outcomes", recorded, state=EditState.rolled_back.value)
+        self.pending = None
+        log.error("version %d rolled back (%s); head %d back to %d", version, reason, old_head, previous)
+        await self._follow(previous)
+
+    def _parent(self, version: int) -> int:
+        try:
+            return self.store.manifest(version).parent
+        except StoreError:
+            return version - 1  # a version without manifest (tests) sits on its predecessor
+
+    def _chain(self, top: int, floor: int) -> list[VersionManifest]:
+        """Manifests of the versions above ``floor`` up to ``top`` along ``top``'s lineage, oldest first."""
+        chain: list[VersionManifest] = []
+        while top > floor:
+            manifest = self.store.manifest(top)
+            chain.append(manifest)
+            top = manifest.parent
+        return chain[::-1]
 
     @property
     def route_for_rest(self) -> Route | None:
@@ -126,6 +218,8 @@ class Publisher:
         )
 
     async def _finish_missed(self, edit_ids: Sequence[str], version: int) -> int:
+        if not edit_ids:
+            return 0
         finished = [Finished(self.missed_outcome(e, version), None) for e in edit_ids]
         recorded = await self.streams.finish(finished)
         count_routes(self.metrics, finished, recorded)
@@ -138,6 +232,8 @@ class Publisher:
         self, edit_ids: Sequence[str], state: EditState, version: int, code: ReasonCode | None = None,
         reason: str | None = None,
     ) -> int:
+        if not edit_ids:
+            return 0
         served = Route.weights if state == EditState.applied else self.route_for_rest
         finished = [
             Finished(EditOutcome(edit_id=e, state=state, version=version, reason_code=code, reason=reason,

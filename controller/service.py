@@ -23,7 +23,7 @@ from controller.batching import Batcher
 from controller.janitor import dead_letter_if_poison, sweep
 from controller.pool import EditWorkerPool
 from controller.publish import Publisher, count_routes
-from controller.verdicts import StaleHeadError, Verdicts, describe, is_out_of_memory, retryable
+from controller.verdicts import HeadRevertedError, StaleHeadError, Verdicts, describe, is_out_of_memory, retryable
 from shared.jobs import WorkerInfo
 from shared.metrics import Metrics, default_metrics
 from shared.outcomes import EditOutcome, EditState, ReasonCode, Route
@@ -58,11 +58,10 @@ class Controller:
         self.streams = EditStreams.from_url(s.redis_url, s.namespace, s.stream_maxlen)
         self.store = LocalWeightStore(s.resolved_store_dir())
         self.pool = EditWorkerPool(s, self.store)
-        self.batcher = Batcher(s.batch_max_size, s.batch_max_wait_s)
+        self.batcher = Batcher(s.batch_max_size, s.batch_max_wait_s, s.batch_settle_s)
         self.metrics = metrics or (default_metrics())
         self.publisher = Publisher(self.streams, self.pool, self.store, self.metrics)
         self.verdicts = Verdicts(s, self.streams, self.store, self.publisher, self.metrics)
-        self._last_resume = 0.0
         self.indexer = None  # the retrieval-tier indexer actor, when the tier is on
         self._stop = False
         self._state = "starting"
@@ -96,6 +95,7 @@ class Controller:
                 delay = min(LOOP_RETRY_MAX_S, delay * 2)
                 with contextlib.suppress(Exception):
                     await self.streams.recover(err)
+        await self.publisher.stop()
         if self._state in ("running", "waiting for replicas"):
             self._state = "stopped"
         return await self.status()
@@ -129,18 +129,21 @@ class Controller:
     async def _start(self) -> None:
         s = self.settings
         await self.streams.ensure_group()
-        if s.retrieval_enabled:  # first: the tier must see edits within a second, whatever the workers do
-            await self._start_indexer()
-        await self.pool.start()
-        head = await self.streams.head()
-        await self.pool.sync(head)
         if s.serving_replicas > 0:
             from controller.rollout import RolloutManager
             from controller.router import spawn_replicas
 
-            # Detached and named: replicas keep serving across controller restarts; these find them again.
+            # Before the workers, never after them: preparing a worker can take minutes on a fresh machine, and
+            # each replica starts its engine and catches up to the live version on its own meanwhile (actor
+            # creation does not wait for either). Detached and named: replicas keep serving across controller
+            # restarts; these find them again. Set early, ``stop_serving`` reaches them even mid-start.
             self.publisher.rollout = RolloutManager(spawn_replicas(s), s, self.streams, self.metrics)
-        elif await self.streams.live() != head:  # no serving tier: the committed head is what is live
+        if s.retrieval_enabled:  # the tier must see edits within a second, whatever the workers do
+            await self._start_indexer()
+        await self.pool.start()
+        head = await self.streams.head()
+        await self.pool.sync(head)
+        if s.serving_replicas == 0 and await self.streams.live() != head:  # no serving tier: the head is live
             await self.streams.set_live(head)
         pending = await self.streams.read(CONSUMER, count=100_000, block_ms=None, own_pending=True)
         if pending:
@@ -200,18 +203,16 @@ class Controller:
             self.metrics.set("editq_queue_pending_entries", depth["pending"])
 
     async def _rollout_waiting(self) -> bool:
-        """True while a committed version still waits for its rollout (then no new batch starts)."""
-        if await self.streams.head() <= await self.streams.live():
+        """True while too many committed versions wait for their rollout (then no new batch starts).
+
+        The rollout of the newest version runs beside the next batch's computation (``Publisher.ensure_rolling``),
+        so the canary gates do not add to every batch; the bound keeps the served weights from falling far behind
+        the head when replicas are slow or down.
+        """
+        await self.publisher.ensure_rolling()
+        behind = await self.streams.head() - await self.streams.live()
+        if behind < self.settings.rollout_max_pending_versions:
             return False
-        if time.monotonic() - self._last_resume > 2.0:
-            self._last_resume = time.monotonic()
-            try:
-                outcome = await self.publisher.resume()
-            except Exception as err:
-                log.warning("rollout resume failed: %s", err)
-                outcome = "pending"
-            if outcome in ("live", "rolled_back"):
-                return False
         self._state = "waiting for replicas"
         await asyncio.sleep(0.5)
         return True
@@ -319,7 +320,7 @@ class Controller:
             version, head, meta.base_model, result.edit_ids, meta.algo, result.deltas, result.checksums,
             hparams=meta.hparams,
             metrics={**result.metrics, **{f"seconds_{k}": v for k, v in result.seconds.items()}},
-            missed_edit_ids=result.missed_edit_ids,
+            missed_edit_ids=result.missed_edit_ids, reference=result.reference,
         )
         self.store.put(manifest, result.deltas, result.aux)
         state, missed = self.publisher.commit_state, set(result.missed_edit_ids)
@@ -338,8 +339,11 @@ class Controller:
         }
         recorded = await self.streams.finish(finished, expect_head=head, new_head=version, version_fields=fields)
         if recorded < 0:
-            await self._resync(head)
-            raise StaleHeadError(f"head moved from {head} while version {version} was computed")
+            now = await self.streams.head()
+            await self._resync(now)
+            if now < head:  # our own rollout refused the version this batch was computed on: recompute it
+                raise HeadRevertedError(f"version {head} was rolled back while version {version} was computed on it")
+            raise StaleHeadError(f"head moved from {head} to {now} while version {version} was computed")
         self._counts["batches"] += 1
         self._counts["applied"] += recorded
         if state == EditState.applied:
@@ -356,7 +360,10 @@ class Controller:
             log.warning("version %d: %d of %d edits did not take on their own prompt", version, len(missed),
                         len(entries))
         try:  # failures after the commit never undo it: a pending rollout is resumed by the loop
-            await self.publisher.publish(version, requests, result.missed_edit_ids)
+            if self.publisher.rollout is None:
+                await self.publisher.publish(version, requests, result.missed_edit_ids)
+            else:  # rolled out beside the next batch's computation
+                await self.publisher.ensure_rolling()
         except Exception as err:
             log.exception("publishing version %d failed: %s", version, err)
 

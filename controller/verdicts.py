@@ -22,6 +22,10 @@ class StaleHeadError(RuntimeError):
     """The committed head moved while a batch was computed (another controller?): never commit on top of it."""
 
 
+class HeadRevertedError(RuntimeError):
+    """The version a batch was computed on was rolled back meanwhile: recompute the batch on the served head."""
+
+
 def retryable(err: BaseException) -> bool:
     """Transient failures are retried; OOM (same size fails again), guard verdicts and a moved head are not."""
     return not (is_out_of_memory(err) or isinstance(err, GuardRejection | StaleHeadError))

@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     batch_max_wait_s: float = Field(
         default=2.0, ge=0, description="How long a partial batch waits for more edits before it is dispatched."
     )
+    batch_settle_s: float | None = Field(
+        default=0.3, ge=0, description="A partial batch goes out once no edit arrived for this long (a burst is one "
+        "batch; a lone edit waits this, not the whole window). None: partial batches always wait batch_max_wait_s.",
+    )
     batch_retries: int = Field(default=2, ge=0, description="Retries of a failed batch before it is split.")
     retry_backoff_s: float = Field(default=0.5, ge=0, description="First retry delay; doubles per attempt.")
     n_edit_workers: int = Field(default=1, ge=1, description="Edit-worker actors; one per GPU in production.")
@@ -171,6 +175,12 @@ class Settings(BaseSettings):
     )
     serving_max_error_rate: float = Field(
         default=0.0, ge=0, le=1, description="Largest share of failed requests on the canary since its swap."
+    )
+
+    rollout_max_pending_versions: int = Field(
+        default=2, ge=1, description="Most committed versions waiting for their rollout while new batches are "
+        "computed (the newest is rolled out; it holds the others' edits). 1: no batch starts before the previous "
+        "version is live.",
     )
 
     # --- routing --------------------------------------------------------------------------------------------

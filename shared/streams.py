@@ -93,6 +93,12 @@ redis.call('SET', KEYS[1], ARGV[2])
 return 1
 """
 
+_REVERT_HEAD_TO = """
+local head = tonumber(redis.call('GET', KEYS[1]) or '0')
+if head > tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
+return head
+"""
+
 _MARK_IN_FLIGHT = """
 local marked = 0
 for i = 1, #KEYS do
@@ -169,6 +175,7 @@ class EditStreams:
         self._dead_letter = redis.register_script(_DEAD_LETTER)
         self._mark = redis.register_script(_MARK_IN_FLIGHT)
         self._revert = redis.register_script(_REVERT_HEAD)
+        self._revert_to = redis.register_script(_REVERT_HEAD_TO)
 
     @classmethod
     def from_url(cls, url: str, namespace: str = "editq", outcome_maxlen: int = 1_000_000) -> EditStreams:
@@ -326,6 +333,12 @@ class EditStreams:
         """Take a rolled-back ``version`` off the lineage: the head returns to ``to_version`` if it is still
         ``version``, so the next batch builds on the weights that are actually served."""
         return bool(await self._revert(keys=[self.head_key], args=[str(version), str(to_version)]))
+
+    async def revert_head_to(self, to_version: int) -> int:
+        """Take every version above ``to_version`` off the lineage (a rollback while later versions were already
+        committed on the refused one); returns the head it had, so the caller knows which versions it discarded.
+        Atomic with commits: a commit computed on a discarded head is refused (``finish`` with ``expect_head``)."""
+        return int(await self._revert_to(keys=[self.head_key], args=[str(to_version)]))
 
     async def requests(self, edit_ids: Sequence[str]) -> dict[str, EditRequest]:
         """The accepted requests of known edits (kept in their state records since intake)."""

@@ -57,3 +57,24 @@ def test_duplicate_stream_entries_are_held_once() -> None:
     assert batcher.holds("1-0")
     batcher.drop(["1-0"])
     assert len(batcher) == 0
+
+
+def test_partial_batch_leaves_once_arrivals_settle() -> None:
+    """Adaptive size: a lone edit leaves after the settle time, a burst leaves as one batch once it ends, and a
+    steady trickle is still cut at the wait cap."""
+    clock = Clock()
+    batcher = Batcher(max_size=10, max_wait_s=2.0, settle_s=0.3, clock=clock)
+    batcher.add([_entry(1, "france", "lyon")])
+    assert batcher.seconds_until_due() == 0.3
+    clock.now = 0.2
+    batcher.add([_entry(2, "germany", "rome")])  # the burst goes on: the settle restarts
+    assert batcher.take() == [] and abs(batcher.seconds_until_due() - 0.3) < 1e-9
+    clock.now = 0.6
+    assert [e.edit_id for e in batcher.take()] == ["e1", "e2"]
+    trickle = Batcher(max_size=20, max_wait_s=2.0, settle_s=0.3, clock=clock)
+    for i in range(11):  # an edit every 0.2 s: arrivals never settle
+        clock.now = 10.0 + 0.2 * i
+        trickle.add([_entry(i, f"s{i}", "paris")])
+        if i < 10:
+            assert trickle.take() == [], clock.now
+    assert len(trickle.take()) == 11  # the oldest waited 2 s: the wait cap cuts it
