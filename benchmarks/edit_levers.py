@@ -7,8 +7,10 @@ Every configuration edits the same first ``--limit`` bundled CounterFact val rec
 one model (restored to its base weights between configurations), then scores efficacy / generalization /
 specificity on all of them (``editq eval``'s protocol; the pre-edit scores are computed once). ``old`` is the
 editor as it was before the levers (full-forward v*, float32, MEMIT's NLL stop, key reads from scratch, five
-context templates); ``new`` is today's default; each ``+lever`` is ``old`` with that one lever switched on, so
-each lever's share of the gain is visible. Ratios are computed within one run (same machine, same load).
+context templates, Adam lr 0.5); ``new`` is today's default; each ``-lever`` is ``new`` with that one lever switched
+off (its share of the gain), each ``+lever`` is ``old`` with that one lever switched on (``--configs`` picks; the
+default runs old, new, every ``-lever``, ``new+mpes`` and ``+prefix_cache``). Ratios are computed within one run
+(same machine, same load).
 """
 
 from __future__ import annotations
@@ -32,15 +34,27 @@ from workers.evaluation.scoring import perplexity
 from workers.model_io import load_model, model_fingerprint
 
 OLD = {"v_prefix_cache": False, "v_dtype": "float32", "v_early_stop": "nll", "keys_resume": False,
-       "n_context_templates": 5}
-LEVERS = {
-    "+prefix_cache": {"v_prefix_cache": True},
-    "+bf16": {"v_dtype": "bfloat16"},
-    "+mpes": {"v_early_stop": "mpes"},
-    "+keys_resume": {"keys_resume": True},
-    "+templates2": {"n_context_templates": 2},
+       "n_context_templates": 5, "v_lr": 0.5}
+# Each lever of today's default, switched off on its own (its share of the gain)...
+WITHOUT = {
+    "-prefix_cache": {"v_prefix_cache": False},
+    "-bf16": {"v_dtype": "float32"},
+    "-templates2": {"n_context_templates": 5},
+    "-lr1": {"v_lr": 0.5},
+    "-keys_resume": {"keys_resume": False},
 }
-CONFIGS = {"old": OLD, "new": {}, **{name: {**OLD, **lever} for name, lever in LEVERS.items()}}
+# ... and switched on alone on the old editor.
+ALONE = {
+    "+prefix_cache": {"v_prefix_cache": True},
+    "+bf16": {"v_dtype": "auto"},
+    "+templates2": {"n_context_templates": 2},
+    "+lr1": {"v_lr": 1.0},
+    "+keys_resume": {"keys_resume": True},
+    "+mpes": {"v_early_stop": "mpes", "v_early_stop_margin": 2.0},
+}
+CONFIGS = {"old": OLD, "new": {}, **WITHOUT, "new+mpes": {"v_early_stop": "mpes", "v_early_stop_margin": 2.0},
+           **{name: {**OLD, **lever} for name, lever in ALONE.items()}}
+DEFAULT_CONFIGS = ["old", "new", *WITHOUT, "new+mpes", "+prefix_cache"]
 
 
 def run_config(model, tokenizer, requests, hp, stats, fingerprint, batch_size: int) -> dict:
@@ -65,7 +79,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--algo", default="alphaedit")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {sorted(CONFIGS)}")
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma list of {sorted(CONFIGS)}")
     parser.add_argument("--set", action="append", default=[], help="extra NAME=JSON configuration, e.g. "
                         "'fast={\"v_early_stop\": \"mpes\", \"v_dtype\": \"bfloat16\"}'")
     parser.add_argument("--out", type=Path, required=True)

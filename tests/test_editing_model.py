@@ -33,7 +33,7 @@ CORPUS_TEXT = "\n\n".join(
 def _hp(**kw: object) -> EditHParams:
     base = dict(layers=(1, 2), v_num_grad_steps=8, n_context_templates=2, context_template_tokens=3,
                 stats_texts=8, stats_text_tokens=8, nullspace_energy=0.9, l2=1.0, mom2_update_weight=10.0,
-                clamp_norm_factor=4.0)
+                clamp_norm_factor=4.0, v_dtype="float32")
     return EditHParams(**{**base, **kw})
 
 

@@ -12,7 +12,7 @@ ALGOS: tuple[str, ...] = ("memit", "alphaedit", "alphaedit_plus", "ultraedit")
 # Algorithms that optimise target values v* and read keys at the subject (UltraEdit needs neither).
 V_STAR_ALGOS: tuple[str, ...] = ("memit", "alphaedit", "alphaedit_plus")
 GUARDS: tuple[str, ...] = ("none", "revive")
-V_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
+V_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16")
 V_EARLY_STOPS: tuple[str, ...] = ("nll", "mpes", "either")
 _TUNED_FILE = Path(__file__).with_name("tuned_hparams.json")
 
@@ -38,8 +38,9 @@ class EditHParams:
     # Cost levers of v* (workers/editing/values.py), each measured on/off in benchmarks/edit_compute.py.
     # Prefix cache: layers up to the edited one and positions before the subject computed once per batch.
     v_prefix_cache: bool = True
-    # "bfloat16": each step's forward/backward under bf16 autocast (offset, Adam and losses stay float32).
-    v_dtype: str = "float32"
+    # "bfloat16": each step's forward/backward under bf16 autocast (offset, Adam and losses stay float32); "auto":
+    # bf16 where the hardware computes it natively (CUDA with bf16, CPUs with AMX or AVX512-BF16), else float32.
+    v_dtype: str = "auto"
     # When an edit stops: "nll" (mean target NLL < v_early_stop_loss, MEMIT), "mpes" (every target token is the most
     # probable one in every context by more than v_early_stop_margin nats, ENCORE), or "either".
     v_early_stop: str = "nll"

@@ -9,7 +9,8 @@ Cost levers (each a setting, measured in ``benchmarks/edit_compute.py``):
 * ``v_prefix_cache``: layers up to the edited one and positions before the subject are computed once per batch
   (``replay.py``); each step re-runs only the layers above on the positions from the subject on.
 * ``v_dtype="bfloat16"``: the steps' forward/backward under bf16 autocast; the offset, Adam and the losses stay
-  float32.
+  float32. On CPUs the steps use eager attention then: torch's CPU flash-attention backward is ~10x slower in bf16
+  than in float32 (measured), while eager attention's bf16 matmuls are fast.
 * ``v_early_stop``: stop an edit when its target NLL is low (``nll``, MEMIT), or as soon as every target token is
   the most probable one in every context (``mpes``, ENCORE's most-probable early stopping) plus a margin.
 """
@@ -17,7 +18,7 @@ Cost levers (each a setting, measured in ``benchmarks/edit_compute.py``):
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -158,6 +159,32 @@ def _stopped(hp: EditHParams, nll: torch.Tensor, margin: torch.Tensor) -> torch.
     return confident if hp.v_early_stop == "mpes" else confident | low_nll
 
 
+def step_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """The dtype v* steps run in: ``auto`` takes bf16 only where the hardware has it natively (emulated bf16 on an
+    older CPU would be slower than float32)."""
+    if setting != "auto":
+        return getattr(torch, setting)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    native = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() or getattr(
+        torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return torch.bfloat16 if native else torch.float32
+
+
+@contextlib.contextmanager
+def attention(model: PreTrainedModel, name: str | None) -> Iterator[None]:
+    """Run with the model's attention implementation set to ``name`` (None: unchanged), restored after."""
+    old = model.config._attn_implementation
+    if name is None or name == old:
+        yield
+        return
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(old)
+
+
 def compute_target_values(
     model: PreTrainedModel,
     layout: ModelLayout,
@@ -173,8 +200,9 @@ def compute_target_values(
     n_edits, _ = v_init.shape
     layer = hp.layers[-1]
     all_rows = [*rewrite, *kl]
-    low = hp.v_dtype == "bfloat16"
+    low = step_dtype(hp.v_dtype, device) == torch.bfloat16
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if low else contextlib.nullcontext()
+    step_attention = "eager" if low and device.type == "cpu" else None
     source = (  # the cache is computed in the model's own precision, once
         _CachedPrefixRows(model, layout, all_rows, layer, pad_id, hp.v_max_batch_tokens,
                           torch.bfloat16 if low else None)
@@ -202,7 +230,7 @@ def compute_target_values(
         for group in chunks_by_tokens([source.cost(i) for i in live], hp.v_max_batch_tokens):
             idx = [live[g] for g in group]
             chunk = [all_rows[i] for i in idx]
-            with autocast:
+            with autocast, attention(model, step_attention):
                 terms = source.terms(idx, delta)
             edits = torch.tensor([r.edit for r in chunk], device=device)
             is_rw = torch.tensor([bool(r.target_pos) for r in chunk], device=device)
