@@ -7,7 +7,7 @@ import torch
 
 from shared.schemas import EditRequest
 from workers.edit_worker import EditWorker
-from workers.editing.editor import BatchResult
+from workers.editing.results import BatchResult
 
 
 def _worker(model=None, tokenizer=None, check: bool = True) -> EditWorker:

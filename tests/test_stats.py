@@ -155,3 +155,22 @@ def test_shipped_corpus_is_what_the_sampler_gives(smollm2) -> None:
         torch.set_num_threads(threads)
     for head, text in zip(heads, shipped, strict=True):
         assert text.startswith(head.rstrip("\ufffd")), (head, text[: len(head) + 20])
+
+
+def test_stats_plan_covers_exactly_what_the_editors_read(tmp_path, tiny_model_dir) -> None:
+    """`editq stats` prepares the layers of every algorithm that reads second moments, and nothing for UltraEdit
+    (it keeps running moments of its own edits): a plan it can never complete would look missing forever."""
+    from transformers import AutoConfig
+
+    from shared.settings import Settings
+    from workers.editing.hparams import ALGOS, V_STAR_ALGOS
+    from workers.evaluation.runner import resolve_hparams
+    from workers.stats_prep import plan_statistics
+
+    settings = Settings(home=tmp_path, model_path=tiny_model_dir)
+    plans = plan_statistics(settings)
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    wanted = {layer for algo in V_STAR_ALGOS for layer in resolve_hparams(config, algo, {}, settings).layers}
+    assert {layer for plan in plans for layer in plan.layers} == wanted
+    assert set(ALGOS) - set(V_STAR_ALGOS) == {"ultraedit"}
+    assert all(plan.missing == sorted(plan.layers) for plan in plans)  # nothing cached in an empty home

@@ -27,8 +27,9 @@ from shared.metrics import metric_key
 from shared.schemas import EditRequest
 from shared.settings import Settings
 from shared.weight_store import BASE_VERSION, LocalWeightStore, ReferenceAnswers, lineage
-from workers.editing.editor import BatchResult, Editor
+from workers.editing.editor import Editor
 from workers.editing.hparams import EditHParams
+from workers.editing.results import BatchResult
 from workers.editing.stats import SecondMomentCache, StatsCorpus
 from workers.editing.values import ValueResult
 from workers.evaluation.collapse import RetentionSample, load_control_facts, model_health

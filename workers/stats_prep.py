@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.settings import Settings
-from workers.editing.hparams import ALGOS
+from workers.editing.hparams import V_STAR_ALGOS
 from workers.editing.layout import FAMILIES, ModelLayout, UnsupportedModelError
 from workers.editing.stats import Progress, SecondMomentCache, StatsCorpus
 
@@ -59,7 +59,7 @@ def plan_statistics(settings: Settings, corpus_path: Path | None = None) -> list
                                     f"{sorted(FAMILIES)}")
     layout = ModelLayout(config.model_type, template, int(config.num_hidden_layers))
     groups: dict[tuple[StatsCorpus, int], set[int]] = {}
-    for algo in ALGOS:
+    for algo in V_STAR_ALGOS:  # UltraEdit keeps running moments of its own edits: it reads no statistics
         hp = resolve_hparams(config, algo, {}, settings)
         corpus = StatsCorpus(path=corpus_path, n_texts=hp.stats_texts, text_tokens=hp.stats_text_tokens, seed=hp.seed)
         groups.setdefault((corpus, hp.stats_max_len), set()).update(hp.layers)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,65 +20,20 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from shared.delta import MatrixDelta, tensor_sha256
 from shared.schemas import EditRequest
 from workers.editing.alphaedit import NullSpace, alphaedit_update, null_space_projector
-from workers.editing.alphaedit_plus import PlusSettings, alphaedit_plus_update
+from workers.editing.alphaedit_plus import alphaedit_plus_update
 from workers.editing.hparams import V_STAR_ALGOS, EditHParams
 from workers.editing.keys import KeyReader
 from workers.editing.layout import ModelLayout
 from workers.editing.memit import memit_update
 from workers.editing.prompts import key_rows, kl_rows, rewrite_rows
+from workers.editing.results import BatchResult, Solved, plus_settings
 from workers.editing.state import EditorState
 from workers.editing.stats import Progress, SecondMomentCache
 from workers.editing.templates import generate_context_templates
-from workers.editing.ultraedit import RunningMoments, keys_and_output_grads, pseudo_values, ultraedit_update
+from workers.editing.ultraedit import keys_and_output_grads, layer_update
 from workers.editing.values import ValueResult, compute_target_values
 from workers.guards.policy import SpectralGuard, check_batch, edit_success
 from workers.guards.revive import Spectrum, load_spectrum, spectrum_cached
-
-
-@dataclass
-class BatchResult:
-    edit_ids: list[str]
-    layers: list[int]
-    deltas: list[MatrixDelta]  # one per edited layer, in the stored (shared) format
-    edited_keys: dict[int, torch.Tensor]  # keys of this batch on the edited model, (d_in, n) per layer
-    targets: torch.Tensor  # v* per edit at the last edited layer, (n, d)
-    v_nll: list[float]  # final target NLL of the v* optimisation per edit
-    v_steps: int
-    seconds: dict[str, float] = field(default_factory=dict)  # keys / values / solve / guard
-    filtered_energy: dict[int, float] = field(default_factory=dict)  # REVIVE: share of each update removed
-    guard_efficacy: float | None = None  # share of the batch's edits that take after the guard
-    per_edit_success: list[float] | None = None  # 1.0 per edit that takes on its own prompt (when the guard checked)
-    diagnostics: dict[str, float] = field(default_factory=dict)  # algorithm details, e.g. AlphaEdit+ choices
-    moments: dict[int, torch.Tensor] = field(default_factory=dict)  # UltraEdit's normaliser after this batch
-
-    @property
-    def aux(self) -> dict[str, torch.Tensor]:
-        """Editor state that travels with the version (the store's aux tensors), so a worker that follows or
-        rebuilds the version from the store can keep editing exactly as the leader would: the edited keys
-        (AlphaEdit's C_prev) and UltraEdit's lifelong normaliser."""
-        return {f"keys.{layer}": k for layer, k in self.edited_keys.items()} | {
-            f"moments.{layer}": m for layer, m in self.moments.items()
-        }
-
-
-@dataclass
-class _Solved:
-    ids: list[str]
-    deltas: list[MatrixDelta] = field(default_factory=list)
-    keys_after: dict[int, torch.Tensor] = field(default_factory=dict)
-    moments: dict[int, torch.Tensor] = field(default_factory=dict)  # UltraEdit's normaliser after this batch
-    filtered_energy: dict[int, float] = field(default_factory=dict)
-    efficacy: float | None = None
-    per_edit_success: list[float] | None = None
-    diagnostics: dict[str, float] = field(default_factory=dict)
-
-
-def plus_settings(hp: EditHParams) -> PlusSettings:
-    return PlusSettings(
-        search_eps=hp.aplus_search_eps, search_step=hp.aplus_search_step, search_max=hp.aplus_search_max,
-        prev_weight=hp.aplus_prev_weight, prev_layer_scaled=hp.aplus_prev_layer_scaled, conflict=hp.aplus_conflict,
-        smooth_tau=hp.aplus_smooth_tau, smooth_steps=hp.aplus_smooth_steps,
-    )
 
 
 class Editor:
@@ -293,7 +247,7 @@ class Editor:
             solved.filtered_energy, solved.efficacy, solved.per_edit_success, solved.diagnostics, solved.moments,
         )
 
-    def _solve_ultraedit(self, requests: Sequence[EditRequest], seconds: dict[str, float]) -> _Solved:
+    def _solve_ultraedit(self, requests: Sequence[EditRequest], seconds: dict[str, float]) -> Solved:
         """UltraEdit: keys and output gradients of every edited layer in one pass on the unedited batch, the
         lifelong normaliser updated, then each layer's ridge fit written (guarded)."""
         hp, layout, model = self.hparams, self.layout, self.model
@@ -302,17 +256,13 @@ class Editor:
         rows = rewrite_rows(self.tokenizer, requests, templates)
         read = self._timed(seconds, "keys", lambda: keys_and_output_grads(
             model, layout, rows, hp.layers, self.tokenizer.pad_token_id, hp.v_max_batch_tokens))
-        out = _Solved(ids=[r.edit_id or r.content_key() for r in requests])
+        out = Solved(ids=[r.edit_id or r.content_key() for r in requests])
         for layer in hp.layers:
             start = time.perf_counter()
             keys, grads = read[layer]
-            packed = self.state.moments.get(layer)
-            moments = (RunningMoments.unpack(packed) if packed is not None
-                       else RunningMoments.empty(keys.shape[1] + grads.shape[1]))
-            moments.update(torch.cat([keys, grads], dim=1).cpu())
-            out.moments[layer] = moments.pack()
-            values = pseudo_values(keys.cpu(), grads.cpu(), moments, hp.ultra_lr)
-            left, right = ultraedit_update(keys.cpu(), values, hp.ultra_ridge, dtype)
+            left, right, out.moments[layer] = layer_update(
+                keys.cpu(), grads.cpu(), self.state.moments.get(layer), hp.ultra_lr, hp.ultra_ridge, dtype
+            )
             delta = self._guarded(layer, left.to(self.device), right.to(self.device), out)
             layout.set_weight(model, layer, delta.apply(self.state.weights[layer]))
             seconds["solve"] = seconds.get("solve", 0.0) + time.perf_counter() - start
@@ -322,7 +272,7 @@ class Editor:
     def _solve_layers(
         self, requests: Sequence[EditRequest], targets: torch.Tensor, seconds: dict[str, float], reader: KeyReader,
         first: tuple[torch.Tensor | None, torch.Tensor | None],
-    ) -> _Solved:
+    ) -> Solved:
         """Bottom to top: keys on the partially edited model, residual spread over the remaining layers, solve,
         guard. Raises ``GuardRejection`` (model partly written: the caller restores it) when the guard refuses.
 
@@ -334,7 +284,7 @@ class Editor:
         """
         hp, layout, model = self.hparams, self.layout, self.model
         dtype = getattr(torch, hp.solve_dtype)
-        out = _Solved(ids=[r.edit_id or r.content_key() for r in requests])
+        out = Solved(ids=[r.edit_id or r.content_key() for r in requests])
         for i, layer in enumerate(hp.layers):
             keys, cur = first if i == 0 else self._timed(
                 seconds, "keys", lambda layer=layer: reader.read(layer, hp.layers[-1])
@@ -353,7 +303,7 @@ class Editor:
 
     def _update(
         self, requests: Sequence[EditRequest], layer: int, index: int, residual: torch.Tensor, keys: torch.Tensor,
-        gap_norms: torch.Tensor, out: _Solved, dtype: torch.dtype,
+        gap_norms: torch.Tensor, out: Solved, dtype: torch.dtype,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The algorithm's (left, right) factors for one layer: Delta = left @ right^T."""
         hp = self.hparams
@@ -376,7 +326,7 @@ class Editor:
         out.diagnostics[f"aplus_objective_gain.{layer}"] = info.objective_gain
         return left, right
 
-    def _guarded(self, layer: int, left: torch.Tensor, right: torch.Tensor, out: _Solved | None = None) -> MatrixDelta:
+    def _guarded(self, layer: int, left: torch.Tensor, right: torch.Tensor, out: Solved | None = None) -> MatrixDelta:
         """The stored delta for update ``left @ right^T``, after the guard when one is configured."""
         name, transposed = self.layout.weight_name(layer), self.layout.is_transposed(self.model, layer)
         if self.guard is None:

@@ -93,6 +93,19 @@ def ultraedit_update(
     return v.T.contiguous(), right.contiguous()
 
 
+def layer_update(
+    keys: torch.Tensor, grads: torch.Tensor, packed_moments: torch.Tensor | None, lr: float, ridge: float,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One edited matrix's step: merge this batch into the normaliser, then fit. Returns (left, right, the packed
+    normaliser after this batch); Delta = left @ right^T."""
+    moments = (RunningMoments.unpack(packed_moments) if packed_moments is not None
+               else RunningMoments.empty(keys.shape[1] + grads.shape[1]))
+    moments.update(torch.cat([keys, grads], dim=1))
+    left, right = ultraedit_update(keys, pseudo_values(keys, grads, moments, lr), ridge, dtype)
+    return left, right, moments.pack()
+
+
 def keys_and_output_grads(
     model: PreTrainedModel,
     layout: ModelLayout,

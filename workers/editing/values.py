@@ -64,8 +64,8 @@ class _Terms:
 def _terms_from_hidden(
     model: PreTrainedModel, rows: Sequence[Row], hidden: torch.Tensor, offsets: Sequence[int]
 ) -> _Terms:
-    """Loss terms from final hidden states; ``offsets[i]`` is the column of row i's position 0 in ``hidden``
-    minus 0 (full rows) or its prefix length (cached rows, whose hidden starts at the subject)."""
+    """Loss terms from final hidden states. ``offsets[i]``: how many leading positions of row i are not in
+    ``hidden`` (0 for full rows, the cached prefix length for cached rows), so position p is column p - offsets[i]."""
     device = hidden.device
     n = len(rows)
     head = model.get_output_embeddings()
