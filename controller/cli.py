@@ -75,10 +75,14 @@ def evaluate(
     ] = None,
     set_: Annotated[list[str], typer.Option("--set", help="Hyperparameter override key=value.")] = [],  # noqa: B006
     save_state: Annotated[Path | None, typer.Option(help="Save the final editor state here.")] = None,
+    general: Annotated[
+        bool, typer.Option(help="Also measure KL/top-1 agreement to the base model, fact retention and fluency.")
+    ] = True,
     model: ModelOpt = None,
     home: HomeOpt = None,
 ) -> None:
-    """Sequentially edit the first N records in batches, then report efficacy/generalization/specificity."""
+    """Sequentially edit the first N records in batches, then report efficacy/generalization/specificity (and the
+    general-ability measures of docs/health.md)."""
     from workers.datasets import DataFormatError
     from workers.editing.hparams import ALGOS
     from workers.evaluation.runner import EvalConfig, run_evaluation
@@ -89,7 +93,7 @@ def evaluate(
         fail(f"--data {data} does not exist")
     cfg = EvalConfig(
         data=data, limit=limit, batch_size=batch_size, algo=algo, hparams=_parse_overrides(set_),
-        stats_corpus=stats_corpus, model_path=model, state_out=save_state,
+        stats_corpus=stats_corpus, model_path=model, state_out=save_state, general=general,
     )
     try:
         with stage_progress(console) as progress:
@@ -111,10 +115,20 @@ def _print_metrics(result: dict[str, Any]) -> None:
     for key in ("efficacy", "generalization", "specificity"):
         table.add_row(key, f"{result['pre'][key]:.3f}", f"{result[key]:.3f}")
     table.add_row("perplexity", f"{result['perplexity_pre']:.2f}", f"{result['perplexity_post']:.2f}")
+    general = result.get("general")
+    if general:
+        for key in ("retention", "fluency"):
+            table.add_row(key, _fmt(general[f"{key}_pre"]), _fmt(general[f"{key}_post"]))
+        table.add_row("KL to base (lower bound)", "0", _fmt(general["kl"], 4))
+        table.add_row("top-1 agreement", "1", _fmt(general["top1_agreement"]))
     console.print(table)
     console.print(
         f"seconds/edit {result['seconds_per_edit']:.2f} (statistics {result['stats_seconds']:.1f} s, once)"
     )
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 @app.command("demo")

@@ -87,7 +87,11 @@ class Verdicts:
         log.warning("%d edits not written into the weights (%s)", len(entries), code.value)
 
     async def reject(self, entries: list[StreamEntry], rejection: GuardRejection) -> None:
-        """The collapse guard would weaken this batch so much that it fails: reject it instead of applying it."""
+        """A verdict of the worker on the whole batch: the collapse guard would weaken it so much that it fails, or
+        the version would take the served model past its health budget. Rejected instead of applied."""
+        if rejection.reason == ReasonCode.health_budget:
+            await self.decline(entries, ReasonCode.health_budget, f"health budget: {rejection.message}")
+            return
         efficacy = dict(zip(rejection.edit_ids, rejection.per_edit_efficacy, strict=False))
         reason = (f"collapse guard: after filtering the update out of the protected spectral subspace the batch's "
                   f"efficacy is below {rejection.min_efficacy:.2f}")

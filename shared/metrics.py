@@ -82,6 +82,12 @@ SPECS: dict[str, MetricSpec] = {
         MetricSpec("editq_canary_perplexity", Kind.gauge, "Perplexity on the fixed canary text set."),
         MetricSpec("editq_control_fact_accuracy_ratio", Kind.gauge, "Accuracy on control facts the base model knows."),
         MetricSpec("editq_edit_retention_ratio", Kind.gauge, "Efficacy on a rolling sample of earlier edits."),
+        # health budget (scored on every candidate version against the base model)
+        MetricSpec("editq_general_kl", Kind.gauge,
+                   "Mean next-token KL(base || served) on the mixed text, nats per token (top-32 + tail lower bound)."),
+        MetricSpec("editq_top1_agreement_ratio", Kind.gauge, "Mixed-text positions whose argmax is the base's."),
+        MetricSpec("editq_fact_retention_ratio", Kind.gauge, "Unedited facts the base model knew, still known."),
+        MetricSpec("editq_fluency_entropy", Kind.gauge, "Weighted bi/tri-gram entropy of greedy generations (bits)."),
         # retrieval tier
         MetricSpec("editq_retrieval_entries", Kind.gauge, "Edits held in the retrieval tier."),
         MetricSpec("editq_retrieval_lookups", Kind.counter, "Retrieval lookups by result.", ("result",)),

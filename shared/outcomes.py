@@ -39,6 +39,7 @@ class ReasonCode(StrEnum):
     out_of_memory = "out_of_memory"
     collapse_risk = "collapse_risk"  # the spectral guard would weaken the edit too much
     capacity = "capacity"  # the parametric budget is spent
+    health_budget = "health_budget"  # the version would take the served model past its health budget
     efficacy = "efficacy"  # the update did not make the edit take
     rollout = "rollout"  # the version failed a rollout gate
 

@@ -216,6 +216,34 @@ class Settings(BaseSettings):
         "accuracy the weights take no more edits.",
     )
 
+    # --- health budget (workers/evaluation/health_gate.py) ------------------------------------------------------
+    health_budget: bool = Field(
+        default=True, description="Score every candidate version against the base model before it is committed; "
+        "one past the limits below is refused and its edits stay in the retrieval tier (rejected/health_budget).",
+    )
+    health_max_kl: float | None = Field(
+        default=0.05, gt=0, description="Most mean next-token KL(base || edited) on the mixed text, nats per token "
+        "(a lower bound of the true KL: top-32 + tail). None: no KL limit.",
+    )
+    health_max_ppl_ratio: float | None = Field(
+        default=1.10, gt=1, description="Most canary perplexity relative to the base model's. None: no limit."
+    )
+    health_min_retention: float | None = Field(
+        default=0.95, ge=0, le=1, description="Least share of the base model's known (unedited) facts still "
+        "answered, relative to the base model. None: no limit.",
+    )
+    health_min_top1_agreement: float | None = Field(
+        default=None, ge=0, le=1, description="Least top-1 agreement with the base model on the mixed text."
+    )
+    health_min_fluency_ratio: float | None = Field(
+        default=None, ge=0, le=1, description="Least n-gram entropy of greedy generations relative to the base."
+    )
+    health_tokens: int = Field(default=2048, ge=16, description="Mixed-text positions scored per version.")
+    health_facts: int = Field(default=256, ge=0, description="Known facts scored per version.")
+    health_fluency_prompts: int = Field(
+        default=0, ge=0, description="Prompts generated per version for fluency (0: fluency not scored per version)."
+    )
+
     # --- HTTP API ---------------------------------------------------------------------------------------------
     api_host: str = "127.0.0.1"
     api_port: int = 8000

@@ -10,6 +10,10 @@ After each applied batch the leader measures collapse signals and returns them i
 model-level ones every ``collapse_eval_every`` versions. A batch the collapse guard refuses raises
 ``workers.guards.GuardRejection`` (reason ``collapse_risk``, per-edit efficacy attached) with the worker unchanged.
 
+Before a batch is kept, the leader scores the candidate model against the base model (the health budget,
+``workers/evaluation/health_gate.py``): past the budget the batch is refused the same way (reason
+``health_budget``) and its edits stay in the retrieval tier; within it, the reading goes into the manifest.
+
 The leader also computes the version's reference answers (greedy answers on a fixed probe set, with transformers on
 exactly the committed weights: ``workers/evaluation/reference_answers.py``); they go into the manifest, and every
 serving replica must reproduce them before it serves the version. Worker 0 stores version 0's in the store once.
@@ -33,6 +37,8 @@ from workers.editing.results import BatchResult
 from workers.editing.stats import SecondMomentCache, StatsCorpus
 from workers.editing.values import ValueResult
 from workers.evaluation.collapse import RetentionSample, load_control_facts, model_health
+from workers.evaluation.general import GeneralHealth
+from workers.evaluation.health_gate import gate_from_settings, health_metrics
 from workers.evaluation.reference_answers import reference_answers
 from workers.evaluation.runner import resolve_hparams
 from workers.guards import GuardRejection
@@ -92,6 +98,11 @@ class EditWorker:
         self.efficacy_check = settings.efficacy_check
         self.control_facts = load_control_facts(model_path.name)
         self.retention = RetentionSample(capacity=64, seed=hp.seed)
+        # Built here, on the unedited model: the gate's reference is the base model's answers.
+        self.health = gate_from_settings(self.model, self.tokenizer, settings, fingerprint, model_path.name)
+        # Subjects edited in this lineage: their facts are meant to change, so retention does not count them. A
+        # worker that rebuilt a version from the store knows only the subjects it edited itself (conservative).
+        self.edited_subjects: set[str] = set()
 
     def _matrices(self) -> dict[str, torch.Tensor]:
         layout = self.editor.layout
@@ -150,6 +161,7 @@ class EditWorker:
         state.prev_keys.clear()
         state.moments.clear()
         self.retention.clear()
+        self.edited_subjects.clear()
         state.edit_ids.clear()
         state.n_batches = 0
         self.editor.reset_weights()
@@ -192,12 +204,21 @@ class EditWorker:
             values = ValueResult.concat(
                 [ValueResult(s.targets, s.deltas, s.nll, s.steps) for s in job.shards]
             )
+        subjects = self.edited_subjects | {r.subject for r in job.requests}
+        readings: list[GeneralHealth] = []
+        gate = self.health
+
+        def accept(model) -> None:  # the candidate, before the editor keeps it: raises past the budget
+            if gate is not None:
+                readings.append(gate.check(model, subjects, [r.edit_id or r.content_key() for r in job.requests]))
+
         try:
-            result = self.editor.apply(job.requests, values)
+            result = self.editor.apply(job.requests, values, accept=accept)
         except GuardRejection as err:
             log.warning("worker %d: batch for version %d rejected (%s): %s", self.index, job.version, err.reason, err)
             raise
         self.version = job.version
+        self.edited_subjects = subjects
         changed = {d.name for d in result.deltas}
         checksums = {name: sha for name, sha in self.editor.checksums().items() if name in changed}
         seconds = dict(result.seconds)
@@ -207,6 +228,8 @@ class EditWorker:
         missed = self.missed_edits(result, job.requests, seconds)
         metrics_start = time.perf_counter()
         metrics = self.collapse_metrics(result, job.requests, job.version)
+        if readings:
+            metrics |= health_metrics(readings[0])
         seconds["collapse_metrics"] = time.perf_counter() - metrics_start
         reference_start = time.perf_counter()
         reference = self.compute_reference(job.version)

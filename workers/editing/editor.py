@@ -1,4 +1,4 @@
-"""The sequential editor: one call applies one batch of edits with MEMIT, AlphaEdit or AlphaEdit+, in place.
+"""The sequential editor: one call applies one batch of edits with MEMIT, AlphaEdit(-hybrid) or AlphaEdit+, in place.
 
 Per batch: target values v* for all edits (one batched optimisation), then bottom-to-top over the edited layers:
 keys on the partially edited model, residual spread over the remaining layers, closed-form update, then the
@@ -21,7 +21,8 @@ from shared.delta import MatrixDelta, tensor_sha256
 from shared.schemas import EditRequest
 from workers.editing.alphaedit import NullSpace, alphaedit_update, null_space_projector
 from workers.editing.alphaedit_plus import alphaedit_plus_update
-from workers.editing.hparams import V_STAR_ALGOS, EditHParams
+from workers.editing.hparams import NULL_SPACE_ALGOS, V_STAR_ALGOS, EditHParams
+from workers.editing.hybrid import hybrid_update
 from workers.editing.keys import KeyReader
 from workers.editing.layout import ModelLayout
 from workers.editing.memit import memit_update
@@ -109,7 +110,7 @@ class Editor:
             dtype = getattr(torch, self.hparams.solve_dtype)
             self._mom2 = {layer: c.to(self.device, dtype) for layer, c in mom2.items()}
         hp = self.hparams
-        if hp.algo in ("alphaedit", "alphaedit_plus") and not self._null:
+        if hp.algo in NULL_SPACE_ALGOS and not self._null:
             keep = hp.algo == "alphaedit_plus" and hp.aplus_search_eps is not None
             self._null = {
                 layer: null_space_projector(c, hp.nullspace_energy, keep_preserved=keep)
@@ -203,11 +204,15 @@ class Editor:
         )
         return values.cpu()
 
-    def apply(self, requests: Sequence[EditRequest], values: ValueResult | None = None) -> BatchResult:
+    def apply(
+        self, requests: Sequence[EditRequest], values: ValueResult | None = None,
+        accept: Callable[[PreTrainedModel], None] | None = None,
+    ) -> BatchResult:
         """Edit the model in place with one batch; returns the per-layer updates and a timing split.
 
-        ``values`` are precomputed v* (e.g. sharded across workers); without them they are computed here. On any
-        error the model and state are left exactly as before the call.
+        ``values`` are precomputed v* (e.g. sharded across workers); without them they are computed here.
+        ``accept`` sees the candidate model before the batch is kept and may refuse it by raising (the health
+        budget). On any error the model and state are left exactly as before the call.
         """
         if not requests:
             raise ValueError("empty batch")
@@ -231,6 +236,8 @@ class Editor:
                 solved.efficacy = float(scores.mean())
                 solved.per_edit_success = scores.tolist()
                 check_batch(scores, hp, solved.ids, solved.filtered_energy)
+            if accept is not None:
+                self._timed(seconds, "accept", lambda: accept(self.model))
         except BaseException:
             self.reset_weights()
             raise
@@ -314,6 +321,9 @@ class Editor:
         null = self._null[layer]
         if hp.algo == "alphaedit":
             return alphaedit_update(residual, keys, null.projector, hp.l2, prev, dtype)
+        if hp.algo == "alphaedit_hybrid":
+            return hybrid_update(residual, keys, null.projector, self._mom2[layer], hp.mom2_update_weight, hp.l2, prev,
+                                 dtype)
         left, right, info = alphaedit_plus_update(
             residual, keys, null.projector, hp.l2, plus_settings(hp), index,
             prev_keys=self.state.prev_keys.get(layer), prev_keys_cov=prev, candidates=null.preserved,
@@ -335,6 +345,8 @@ class Editor:
         if out is not None:
             out.filtered_energy[layer] = guarded.filtered_energy
             out.diagnostics[f"pruned.{layer}"] = float(guarded.pruned)
+            if self.hparams.norm_cap is not None:
+                out.diagnostics[f"norm_cap_scale.{layer}"] = guarded.cap_scale
         return guarded.delta
 
     def _score(self, requests: Sequence[EditRequest], layer: int, left: torch.Tensor, right: torch.Tensor) -> float:

@@ -7,10 +7,13 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-Algo = Literal["memit", "alphaedit", "alphaedit_plus", "ultraedit"]
-ALGOS: tuple[str, ...] = ("memit", "alphaedit", "alphaedit_plus", "ultraedit")
-# Algorithms that optimise target values v* and read keys at the subject (UltraEdit needs neither).
-V_STAR_ALGOS: tuple[str, ...] = ("memit", "alphaedit", "alphaedit_plus")
+Algo = Literal["memit", "alphaedit", "alphaedit_plus", "alphaedit_hybrid", "ultraedit"]
+ALGOS: tuple[str, ...] = ("memit", "alphaedit", "alphaedit_plus", "alphaedit_hybrid", "ultraedit")
+# Algorithms that optimise target values v* and read keys at the subject (UltraEdit needs neither); they all read
+# the second moments C, so ``editq stats`` prepares them.
+V_STAR_ALGOS: tuple[str, ...] = ("memit", "alphaedit", "alphaedit_plus", "alphaedit_hybrid")
+# Algorithms that restrict the update to the null space of C (AlphaEdit's projector).
+NULL_SPACE_ALGOS: tuple[str, ...] = ("alphaedit", "alphaedit_plus", "alphaedit_hybrid")
 GUARDS: tuple[str, ...] = ("none", "revive")
 V_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16")
 V_EARLY_STOPS: tuple[str, ...] = ("nll", "mpes", "either")
@@ -19,7 +22,7 @@ _TUNED_FILE = Path(__file__).with_name("tuned_hparams.json")
 
 @dataclass(frozen=True)
 class EditHParams:
-    """Settings of the locate-then-edit family (MEMIT, AlphaEdit, AlphaEdit+) and of the collapse guards.
+    """Settings of the locate-then-edit family (MEMIT, AlphaEdit, AlphaEdit+, AlphaEdit-hybrid) and of the guards.
 
     Published values are for GPT-J/Llama3-8B; ``tuned_hparams.json`` records what the sweep chose for other
     model shapes (see ``benchmarks/sweeps/``).
@@ -51,7 +54,8 @@ class EditHParams:
     n_context_templates: int = 5
     context_template_tokens: int = 10
     seed: int = 0
-    # MEMIT: weight of the preserved-key second moment.
+    # MEMIT: weight lambda of the preserved-key second moment. AlphaEdit-hybrid (workers/editing/hybrid.py) uses the
+    # same lambda C penalty, but only inside AlphaEdit's null space (plus AlphaEdit's l2 there).
     mom2_update_weight: float = 15000.0
     # AlphaEdit: null space = directions of E[kk^T] outside the top subspace holding this share of key energy.
     # Relative, because the published absolute threshold (2e-2) does not transfer between models.
@@ -94,6 +98,10 @@ class EditHParams:
     # A guarded batch whose post-guard efficacy on its own prompts is below this is rejected (collapse_risk). Batch
     # efficacies measured with the guard on: >= 0.64 for energy <= 0.8, mean 0.40 at 0.95 (where edits fail).
     guard_min_efficacy: float = 0.5
+    # Norm cap (workers/guards/norm_cap.py): per layer, ||W - W0||_F / ||W0||_F may not exceed this; an update that
+    # would cross it is scaled down so the drift lands on the cap (an update that does not grow the drift passes).
+    # None: off. Like the other guards, a capped batch whose own edits no longer take is rejected.
+    norm_cap: float | None = None
     # Second-moment statistics corpus: self-sampled text (texts x tokens) unless a corpus file is given.
     stats_texts: int = 512
     stats_text_tokens: int = 128
@@ -122,6 +130,10 @@ class EditHParams:
             raise ValueError("prune_alpha (the log base) must be > 1")
         if not 0.0 <= self.guard_min_efficacy <= 1.0:
             raise ValueError("guard_min_efficacy must be in [0, 1]")
+        if self.norm_cap is not None and not self.norm_cap > 0.0:
+            raise ValueError("norm_cap must be > 0 (or None: off)")
+        if self.algo == "alphaedit_hybrid" and (self.l2 <= 0.0 or self.mom2_update_weight < 0.0):
+            raise ValueError("alphaedit_hybrid needs l2 > 0 (singular system otherwise), mom2_update_weight >= 0")
         if self.aplus_search_step < 1 or self.aplus_smooth_steps < 1:
             raise ValueError("aplus_search_step and aplus_smooth_steps must be >= 1")
 

@@ -1,21 +1,37 @@
 """``editq eval``: sequential batched editing of the first N records, then metrics on all N (before and after).
 
 Records are edited in order, batch after batch, without restoring the model: the final model is evaluated on every
-record, so early edits must survive later ones (AlphaEdit's sequential protocol).
+record, so early edits must survive later ones (AlphaEdit's sequential protocol). The ``general`` block adds the
+general-ability measures of ``workers.evaluation.general`` (full budget) before and after editing.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from shared.settings import Settings
 from workers.datasets import DataFormat, load_edits
 from workers.editing.editor import Editor
 from workers.editing.hparams import EditHParams, default_hparams
 from workers.editing.stats import Progress, SecondMomentCache, StatsCorpus
+from workers.evaluation.general import (
+    BaseReference,
+    GeneralProbe,
+    RetentionFact,
+    fact_retention,
+    fluency,
+    kl_and_agreement,
+    load_or_compute_reference,
+    load_retention_facts,
+    without_subjects,
+)
 from workers.evaluation.metrics import edit_metrics
 from workers.evaluation.scoring import perplexity
 from workers.model_io import load_model, model_fingerprint
@@ -33,6 +49,8 @@ class EvalConfig:
     stats_corpus: Path | None = None
     model_path: Path | None = None
     state_out: Path | None = None
+    general: bool = True
+
 
 
 def heldout_texts() -> list[str]:
@@ -46,6 +64,42 @@ def resolve_hparams(config: Any, algo: str, overrides: dict[str, Any], settings:
     if settings.hparams_path is not None:
         hp = hp.with_overrides(**EditHParams.from_json(settings.hparams_path).to_dict() | {"algo": algo})
     return hp.with_overrides(**overrides) if overrides else hp
+
+
+@dataclass
+class GeneralPre:
+    """What the general measures need after editing, and their values before it."""
+
+    probe: GeneralProbe
+    reference: BaseReference
+    facts: list[RetentionFact]
+    retention: float
+    fluency: float
+
+    @classmethod
+    def measure(
+        cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: Settings, fingerprint: str,
+        model_path: Path, edited_subjects: Iterable[str],
+    ) -> GeneralPre:
+        """Base reference (cached under ``home/general``), retention facts minus the edited subjects, and the
+        pre-edit retention and fluency; call before the first edit."""
+        probe = GeneralProbe.from_asset(tokenizer)
+        reference = load_or_compute_reference(model, tokenizer, probe, settings.stats_dir.parent / "general",
+                                              fingerprint)
+        facts = without_subjects(load_retention_facts(Path(model_path).name), edited_subjects)
+        return cls(probe, reference, facts, fact_retention(model, tokenizer, facts), fluency(model, tokenizer))
+
+    def report(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ppl_pre: float, ppl_post: float
+    ) -> dict[str, float | None]:
+        kl, agreement = kl_and_agreement(model, tokenizer, self.probe, self.reference)
+        values = {
+            "kl": kl, "top1_agreement": agreement,
+            "retention_pre": self.retention, "retention_post": fact_retention(model, tokenizer, self.facts),
+            "ppl_pre": ppl_pre, "ppl_post": ppl_post,
+            "fluency_pre": self.fluency, "fluency_post": fluency(model, tokenizer),
+        }
+        return {k: None if math.isnan(v) else v for k, v in values.items()}  # no NaN in JSON (no facts: null)
 
 
 def run_evaluation(cfg: EvalConfig, settings: Settings, progress: Progress | None = None) -> dict[str, Any]:
@@ -67,6 +121,10 @@ def run_evaluation(cfg: EvalConfig, settings: Settings, progress: Progress | Non
 
     pre = edit_metrics(model, tokenizer, requests, zsre)
     ppl_pre = perplexity(model, tokenizer, texts)
+    general = (
+        GeneralPre.measure(model, tokenizer, settings, fingerprint, Path(model_path), {r.subject for r in requests})
+        if cfg.general else None
+    )
     start = time.perf_counter()
     editor = Editor(model, tokenizer, hp, stats, fingerprint, progress=progress)
     editor.prepare()
@@ -85,6 +143,7 @@ def run_evaluation(cfg: EvalConfig, settings: Settings, progress: Progress | Non
             progress("editing", begin + len(batch), len(requests))
     post = edit_metrics(model, tokenizer, requests, zsre)
     ppl_post = perplexity(model, tokenizer, texts)
+    general_out = general.report(model, tokenizer, ppl_pre, ppl_post) if general is not None else None
     if cfg.state_out is not None:
         editor.state.save(cfg.state_out)
     n = len(requests)
@@ -94,6 +153,7 @@ def run_evaluation(cfg: EvalConfig, settings: Settings, progress: Progress | Non
         "seconds_per_edit": edit_seconds / n,
         "perplexity_pre": ppl_pre,
         "perplexity_post": ppl_post,
+        "general": general_out,
         "n_edits": n,
         "batch_size": cfg.batch_size,
         "algo": cfg.algo,

@@ -1,6 +1,6 @@
-"""Collapse guards for sequential editing: REVIVE (spectral filter), PRUNE (singular-value restraint), the per-batch
-policy that rejects a batch the guard would weaken too much, and per-matrix collapse metrics. The math modules
-(``revive``, ``prune``, ``collapse``) use plain tensors only."""
+"""Collapse guards for sequential editing: REVIVE (spectral filter), PRUNE (singular-value restraint), the norm cap
+(drift anchor), the per-batch policy that rejects a batch the guard would weaken too much, and per-matrix collapse
+metrics. The math modules (``revive``, ``prune``, ``norm_cap``, ``collapse``) use plain tensors only."""
 
 from workers.guards.policy import COLLAPSE_RISK, GuardRejection
 

@@ -1,9 +1,11 @@
 """The per-layer guard the editor applies before writing an update, and the per-batch accept/reject policy.
 
-Per layer: REVIVE filters the proposed update (factors stay low rank), then PRUNE optionally restrains the
-accumulated update W - W0 (dense). Per batch, after all layers: the guarded model must still make the batch's own
-edits take; if the share that does is below ``guard_min_efficacy``, the batch is rejected with ``GuardRejection``
-(reason ``collapse_risk``) instead of being applied silently weakened. The editor then restores the model exactly.
+Per layer: REVIVE filters the proposed update (factors stay low rank), the norm cap optionally scales it so the
+relative drift ||W - W0|| / ||W0|| stays within ``norm_cap`` (still low rank), then PRUNE optionally restrains the
+accumulated update W - W0 (dense; it only shrinks singular values, so a capped drift stays capped). Per batch, after
+all layers: the guarded model must still make the batch's own edits take; if the share that does is below
+``guard_min_efficacy``, the batch is rejected with ``GuardRejection`` (reason ``collapse_risk``) instead of being
+applied silently weakened. The editor then restores the model exactly.
 """
 
 from __future__ import annotations
@@ -11,16 +13,20 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from shared.delta import MatrixDelta
 from shared.schemas import EditRequest
-from workers.editing.hparams import EditHParams
 from workers.evaluation.scoring import candidate_nll
+from workers.guards.norm_cap import cap_update
 from workers.guards.prune import prune_accumulated
 from workers.guards.revive import Spectrum, protected_bases, revive_filter
+
+if TYPE_CHECKING:  # annotations only: the guards never import the editing package at run time
+    from workers.editing.hparams import EditHParams
 
 COLLAPSE_RISK = "collapse_risk"
 # Without target_true an edit counts as taken when its mean target NLL is below ln 2, i.e. the geometric-mean
@@ -92,10 +98,11 @@ class GuardedDelta:
     delta: MatrixDelta
     filtered_energy: float
     pruned: bool
+    cap_scale: float = 1.0  # factor the norm cap scaled the update by (1.0: not capped or cap off)
 
 
 class SpectralGuard:
-    """REVIVE and/or PRUNE for the edited matrices of one editor, relative to their pretrained values W0."""
+    """REVIVE, the norm cap and/or PRUNE for the edited matrices of one editor, relative to their pretrained W0."""
 
     def __init__(self, hparams: EditHParams, base: dict[int, torch.Tensor], spectra: dict[int, Spectrum],
                  device: torch.device | str = "cpu") -> None:
@@ -104,6 +111,7 @@ class SpectralGuard:
         self.base = {layer: w.detach().to("cpu", torch.float32) for layer, w in base.items()}
         self.spectra = spectra
         self.bases: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.base_norms = {layer: float(torch.linalg.norm(w.double())) for layer, w in self.base.items()}
         if hparams.guard == "revive":
             for layer, spectrum in spectra.items():
                 u_k, v_k = protected_bases(spectrum, hparams.revive_energy, hparams.revive_rank)
@@ -111,7 +119,7 @@ class SpectralGuard:
 
     @staticmethod
     def active(hparams: EditHParams) -> bool:
-        return hparams.guard != "none" or hparams.prune
+        return hparams.guard != "none" or hparams.prune or hparams.norm_cap is not None
 
     def protected_rank(self, layer: int) -> int:
         return int(self.bases[layer][0].shape[1]) if layer in self.bases else 0
@@ -126,16 +134,20 @@ class SpectralGuard:
             u_k, v_k = self.bases[layer]
             result = revive_filter(left, right, u_k, v_k)
             left, right, filtered = result.left, result.right, result.filtered_energy
+        scale = 1.0
+        if self.hp.norm_cap is not None:
+            drift = current.to(self.device, torch.float64) - self.base[layer].to(self.device, torch.float64)
+            left, scale = cap_update(drift, left, right, self.base_norms[layer], self.hp.norm_cap)
         delta = MatrixDelta.from_factors(name, left, right, transposed=transposed)
         if not self.hp.prune:
-            return GuardedDelta(delta, filtered, False)
+            return GuardedDelta(delta, filtered, False, scale)
         w0 = self.base[layer].to(self.device, torch.float64)
         accumulated = delta.apply(current).to(self.device, torch.float64) - w0
         restrained = prune_accumulated(accumulated, self.spectra[layer].sigma_max, self.hp.prune_alpha)
         if restrained is None:
-            return GuardedDelta(delta, filtered, False)
+            return GuardedDelta(delta, filtered, False, scale)
         dense = (w0 + restrained) - current.to(self.device, torch.float64)
-        return GuardedDelta(MatrixDelta.from_dense(name, dense, transposed=transposed), filtered, True)
+        return GuardedDelta(MatrixDelta.from_dense(name, dense, transposed=transposed), filtered, True, scale)
 
 
 def check_batch(

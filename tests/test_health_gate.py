@@ -1,0 +1,104 @@
+"""The health budget: the limits' arithmetic, the gate on a tiny model (the base passes, an edited model past a
+limit is refused with reason ``health_budget``), the editor leaves model and state exactly as before a refused batch,
+and through the running pipeline a refused version never goes live: its edits end ``rejected/health_budget``."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from controller.runtime import start_controller, stop_controller
+from shared.settings import Settings
+from tests.pipeline_helpers import Probe, pipeline_settings, tiny_requests
+from tests.test_guards import REQUESTS, _hp, _same, _snapshot, stats  # noqa: F401 (fixture)
+from tests.test_pipeline import _submit
+from workers.editing.editor import Editor
+from workers.evaluation.general import GeneralBudget, GeneralHealth
+from workers.evaluation.health_gate import HEALTH_BUDGET, HealthGate, HealthLimits, gate_from_settings, health_metrics
+from workers.guards import GuardRejection
+
+BASE = GeneralHealth(kl=0.0, top1_agreement=1.0, retention=0.9, ppl=20.0, fluency=5.0)
+
+
+def test_limits_are_relative_to_the_base_and_each_names_its_measure() -> None:
+    limits = HealthLimits(max_kl=0.05, max_ppl_ratio=1.10, min_retention=0.95, min_top1_agreement=0.9,
+                          min_fluency_ratio=0.8)
+    within = GeneralHealth(kl=0.05, top1_agreement=0.9, retention=0.9 * 0.95, ppl=22.0, fluency=4.0)
+    assert limits.breaches(within, BASE) == []  # every limit is inclusive
+    past = GeneralHealth(kl=0.06, top1_agreement=0.89, retention=0.85, ppl=22.1, fluency=3.9)
+    breaches = limits.breaches(past, BASE)
+    assert [b.split()[0] for b in breaches] == ["KL", "perplexity", "fact", "top-1", "fluency"]
+    assert "22.10 > 1.10 x base 20.00" in breaches[1]
+    assert HealthLimits().breaches(past, BASE) == []  # no limits, no breach
+    # a measure that cannot be taken (no known facts for this model: nan) never breaches
+    unknown = GeneralHealth(kl=0.0, top1_agreement=1.0, retention=math.nan, ppl=20.0, fluency=math.nan)
+    assert limits.breaches(unknown, BASE) == []
+    assert set(health_metrics(unknown)) == {"editq_general_kl", "editq_top1_agreement_ratio",
+                                            "editq_canary_perplexity"}
+
+
+def _gate(model, tokenizer, tmp_path, limits: HealthLimits) -> HealthGate:
+    budget = GeneralBudget(max_tokens=256, max_facts=16, n_prompts=0, max_new_tokens=8)
+    return HealthGate(model, tokenizer, limits, budget, tmp_path / "general", "tiny", "tiny-model")
+
+
+def test_gate_passes_the_base_and_refuses_a_damaged_model(tiny_llama, tiny_tokenizer, tmp_path) -> None:
+    gate = _gate(tiny_llama, tiny_tokenizer, tmp_path, HealthLimits(max_kl=1e-3, max_ppl_ratio=1.05))
+    health = gate.check(tiny_llama, ())
+    assert health.kl == pytest.approx(0.0, abs=1e-6) and health.top1_agreement == 1.0
+    assert health.ppl == pytest.approx(gate.base.ppl)
+    with torch.no_grad():
+        for p in tiny_llama.model.layers[1].mlp.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    with pytest.raises(GuardRejection) as info:
+        gate.check(tiny_llama, (), ["e1", "e2"])
+    assert info.value.reason == HEALTH_BUDGET and info.value.edit_ids == ["e1", "e2"]
+    assert "KL to base" in str(info.value)
+    # the base reading is cached beside the KL reference: a second gate built on the damaged model keeps the base's
+    again = _gate(tiny_llama, tiny_tokenizer, tmp_path, HealthLimits(max_kl=1e-3))
+    assert (again.base.kl, again.base.ppl) == (gate.base.kl, gate.base.ppl)
+
+
+def test_a_refused_batch_leaves_model_and_state_exactly_as_before(tiny_llama, tiny_tokenizer, stats,  # noqa: F811
+                                                                  tmp_path) -> None:
+    gate = _gate(tiny_llama, tiny_tokenizer, tmp_path, HealthLimits(max_kl=1e-9))
+    editor = Editor(tiny_llama, tiny_tokenizer, _hp(), stats, "tiny")
+    editor.apply(REQUESTS[:1])  # history to disturb (no gate: the first batch is kept)
+    before = _snapshot(editor)
+    with pytest.raises(GuardRejection) as info:
+        editor.apply(REQUESTS[1:], accept=lambda model: gate.check(model, ()))
+    assert info.value.reason == HEALTH_BUDGET
+    assert _same(before, _snapshot(editor))
+    kept = editor.apply(REQUESTS[1:], accept=lambda model: None)  # a gate that accepts: the batch is kept
+    assert "accept" in kept.seconds and editor.state.n_batches == before["n"] + 1
+
+
+def test_the_budget_is_on_by_default_and_can_be_turned_off(tiny_llama, tiny_tokenizer, tmp_path) -> None:
+    settings = Settings(home=tmp_path, health_tokens=64, health_facts=0)
+    gate = gate_from_settings(tiny_llama, tiny_tokenizer, settings, "tiny", "tiny-model")
+    assert gate is not None and gate.limits.max_ppl_ratio == settings.health_max_ppl_ratio
+    assert gate.probe.n_positions == 64
+    assert gate_from_settings(tiny_llama, tiny_tokenizer, Settings(home=tmp_path, health_budget=False), "tiny",
+                              "tiny-model") is None
+
+
+def test_a_version_past_the_budget_never_goes_live(ray_session, redis_url, tiny_model_dir, tmp_path) -> None:
+    settings = pipeline_settings(tmp_path, tiny_model_dir, redis_url, health_max_kl=1e-9, health_tokens=64)
+    probe = Probe(settings)
+    requests = tiny_requests(4)
+    try:
+        _submit(settings, requests)
+        actor, run_ref = start_controller(settings)
+        try:
+            states = probe.wait_terminal([r.edit_id for r in requests])
+        finally:
+            stop_controller(actor, run_ref)
+        assert set(states.values()) == {"rejected"}
+        outcomes = probe.outcomes()
+        assert len(outcomes) == len(requests)
+        assert all(o.reason_code == HEALTH_BUDGET and "KL to base" in o.reason for o in outcomes)
+        assert probe.head() == 0  # nothing was committed, so nothing can go live
+    finally:
+        probe.cleanup()

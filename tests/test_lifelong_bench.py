@@ -1,0 +1,112 @@
+"""benchmarks/lifelong.py's per-configuration loop on a tiny model: checkpoints land in the JSON, a gate that accepts
+nothing (health_max_kl=1e-9) routes every edit to the tier and leaves the model untouched, no gate puts every edit in
+the weights. The general-text asset and the retention facts are SmolLM2's, so the gate is built on a probe of the tiny
+tokenizer's words, and the tier is a fake scorer (no RECIPE checkpoint exists for a tiny model)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import pytest
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from benchmarks.lifelong_loop import LoopOptions, general_evaluator, parse_config, run_loop
+from shared.schemas import EditRequest, Probe
+from shared.settings import Settings
+from tests.test_guards import _hp, stats  # noqa: F401 (fixture)
+from workers.editing.editor import Editor
+from workers.evaluation import health_gate
+from workers.evaluation.general import GeneralProbe, compute_base_reference
+from workers.evaluation.metrics import counterfact_metrics
+
+TEXTS = [("prose", "the capital of france is paris . the eiffel tower is located in paris"),
+         ("prose", "berlin is a city in germany and london is famous for music"),
+         ("chat", "who plays jazz piano ? i and you plays piano in london")]
+SUBJECTS = ["france", "germany", "london", "berlin", "sega", "sony"]
+TARGETS = ["rome", "lyon", "paris", "berlin"]
+
+
+def _requests(n: int) -> list[EditRequest]:
+    return [
+        EditRequest(edit_id=f"e{i}", subject=SUBJECTS[i % len(SUBJECTS)], prompt="the capital of {} is",
+                    target_new=TARGETS[i % len(TARGETS)], target_true=TARGETS[(i + 1) % len(TARGETS)],
+                    paraphrase_prompts=[f"what city is the capital of {SUBJECTS[i % len(SUBJECTS)]} ?"],
+                    neighborhood_prompts=[Probe(prompt="the capital of italy is", target="rome")])
+        for i in range(n)
+    ]
+
+
+class FakeTier:
+    """Stands in for RECIPE: holds the routed edits and scores them on the model alone."""
+
+    def __init__(self) -> None:
+        self.held: list[EditRequest] = []
+
+    def add(self, edits: Sequence[EditRequest]) -> None:
+        self.held.extend(edits)
+
+    def score(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+              edits: Sequence[EditRequest]) -> dict[str, float]:
+        assert all(e in self.held for e in edits)
+        return counterfact_metrics(model, tokenizer, edits).as_dict()
+
+
+@pytest.fixture
+def tiny_general(tiny_llama, tiny_tokenizer, monkeypatch):
+    """The gate reads the shipped asset and SmolLM2's facts: point both at the tiny tokenizer's world."""
+    probe = GeneralProbe.from_texts(tiny_tokenizer, TEXTS)
+    monkeypatch.setattr(GeneralProbe, "from_asset", classmethod(lambda cls, tok, max_tokens=None, path=None: probe))
+    monkeypatch.setattr(health_gate, "load_retention_facts", lambda model_name=None: [])
+    return general_evaluator(tiny_tokenizer, probe, compute_base_reference(tiny_llama, tiny_tokenizer, probe), [])
+
+
+def test_config_names() -> None:
+    assert parse_config("today") == ("alphaedit", False)
+    assert parse_config("budget") == ("alphaedit", True)
+    assert parse_config("hybrid_budget") == ("alphaedit_hybrid", True)
+    assert parse_config("memit+budget") == ("memit", True) and parse_config("memit") == ("memit", False)
+    with pytest.raises(ValueError):
+        parse_config("memit+revive")
+
+
+@pytest.mark.parametrize("budget", [False, True])
+def test_loop_checkpoints_and_an_impossible_budget_routes_everything_to_the_tier(
+    budget, tiny_llama, tiny_tokenizer, stats, tiny_general, tmp_path  # noqa: F811
+) -> None:
+    gate = None
+    if budget:
+        settings = Settings(home=tmp_path / "home", health_max_kl=1e-9, health_tokens=16, health_facts=0)
+        gate = health_gate.gate_from_settings(tiny_llama, tiny_tokenizer, settings, "tiny", None)
+        assert gate is not None
+    before = {n: p.detach().clone() for n, p in tiny_llama.named_parameters()}
+    editor = Editor(tiny_llama, tiny_tokenizer, _hp(algo="alphaedit"), stats, "tiny")
+    out = tmp_path / "part.json"
+    opts = LoopOptions("budget" if budget else "today", batch_size=2, eval_every=4, probe=3, out=out)
+    result = run_loop(editor, _requests(6), tiny_general, gate.check if gate else None, FakeTier(), opts)
+
+    data = json.loads(out.read_text())
+    assert data["n_edits"] == 6 == result["n_edits"]
+    assert [p["edits"] for p in data["points"]] == [0, 4, 6]  # base, every 4 edits, the end
+    assert len(data["batches"]) == 3
+    last = data["points"][-1]
+    assert {"kl", "top1_agreement", "retention", "ppl", "fluency"} <= set(last["general"])
+    assert last["probe_edits"]["weights"] + last["probe_edits"]["tier"] == 3
+    for key in ("served_efficacy", "served_generalization", "served_specificity", "pre_efficacy", "ppl_ratio",
+                "seconds_per_edit"):
+        assert key in last
+    unchanged = all(torch.equal(p, before[n]) for n, p in tiny_llama.named_parameters())
+    if budget:  # KL <= 1e-9 admits no update: every batch refused, the model exactly the base model
+        assert last["weights_share"] == 0 and last["tier_share"] == 1
+        assert all(not b["accepted"] and b["reason"] == "health_budget" for b in data["batches"])
+        assert last["weights"] is None and last["tier"] is not None
+        assert last["general"]["kl"] == pytest.approx(0.0, abs=1e-6) and unchanged
+        assert last["served_efficacy"] == pytest.approx(last["pre_efficacy"])  # fake tier = the unchanged model
+    else:
+        assert last["weights_share"] == 1 and last["tier_share"] == 0 and not unchanged
+        assert all(b["accepted"] for b in data["batches"])
+        assert last["general"]["kl"] > 0
+        # the pre-edit metrics swap the base matrices in, then write the edited ones back exactly
+        for layer, weight in editor.state.weights.items():
+            assert torch.equal(editor.layout.get_weight(tiny_llama, layer).float().cpu(), weight)
