@@ -16,7 +16,7 @@ current model; combined and split), the weights / tier shares, the same edits' p
 edit. Exact commands (repository root):
 
     .venv/bin/python benchmarks/lifelong.py many --data /work/shared/data/counterfact-train.json --n-edits 2000 \\
-        --configs today,budget --out benchmarks/results/lifelong_cpu.json --deadline 150
+        --configs today,budget --probe 200 --out benchmarks/results/lifelong_cpu.json --deadline 120
     .venv/bin/python benchmarks/lifelong.py run --config budget --data train.json --n-edits 20 --batch-size 10 \\
         --eval-every 10 --probe 10 --general-tokens 512 --out /tmp/lifelong_part.json
     .venv/bin/python benchmarks/lifelong.py plot --json benchmarks/results/lifelong_cpu.json

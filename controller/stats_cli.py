@@ -20,7 +20,8 @@ def stats(
     model: ModelOpt = None,
     home: HomeOpt = None,
 ) -> None:
-    """Second moments of the edited layers' keys, cached under the home's stats dir; instant when done."""
+    """Second moments of the edited layers' keys, cached under the home's stats dir, and the base model's reference
+    for the health budget; instant when done."""
     from workers.stats_prep import ensure_statistics, plan_statistics
 
     if stats_corpus is not None and not stats_corpus.is_file():
@@ -40,12 +41,25 @@ def stats(
         else:
             console.print(f"[green]✓[/] key statistics of {plan.fingerprint}, layers {layers}: cached in "
                           f"{plan.directory}")
-    if not todo:
+    if todo:
+        try:
+            with stage_progress(console) as progress:
+                ensure_statistics(todo, settings.device, progress)
+        except ValueError as err:  # an unreadable corpus file, an unsupported model
+            fail(str(err))
+        for plan in todo:
+            console.print(f"[green]✓[/] key statistics ready in {plan.directory} "
+                          f"({time.perf_counter() - started:.1f} s)")
+    _health_reference(settings)
+
+
+def _health_reference(settings) -> None:
+    from workers.stats_prep import ensure_health_reference
+
+    if not settings.health_budget:
         return
-    try:
-        with stage_progress(console) as progress:
-            ensure_statistics(todo, settings.device, progress)
-    except ValueError as err:  # an unreadable corpus file, an unsupported model
-        fail(str(err))
-    for plan in todo:
-        console.print(f"[green]✓[/] key statistics ready in {plan.directory} ({time.perf_counter() - started:.1f} s)")
+    started = time.perf_counter()
+    with console.status("health budget: the base model's answers on the mixed text and known facts ..."):
+        computed = ensure_health_reference(settings, settings.device)
+    state = f"computed ({time.perf_counter() - started:.1f} s)" if computed else "cached"
+    console.print(f"[green]✓[/] health-budget reference {state} in {settings.general_dir}")

@@ -256,6 +256,11 @@ class Settings(BaseSettings):
     def stats_dir(self) -> Path:
         return self.home / "stats"
 
+    @property
+    def general_dir(self) -> Path:
+        """The base model's reference answers for the health budget (per model fingerprint)."""
+        return self.home / "general"
+
     def resolved_model_path(self) -> Path:
         return self.model_path or self.models_dir / DEFAULT_MODEL_NAME
 

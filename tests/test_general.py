@@ -183,14 +183,16 @@ def test_fluency_and_general_health_on_tiny_model(tiny_llama, tiny_tokenizer, pr
 def test_retention_facts_are_for_smollm2_only() -> None:
     assert load_retention_facts("some-other-model") == []
     facts = load_retention_facts("SmolLM2-135M-Instruct")
-    assert len(facts) >= 1000 and all(f.prompt and f.answer for f in facts)
+    # 620 shipped: all that SmolLM2 completes strictly among the usable val + train-neighbourhood prompts
+    assert len(facts) >= 600 and all(f.prompt and f.answer for f in facts)
+    assert len({f.prompt for f in facts}) == len(facts)
 
 
 @pytest.mark.slow
 def test_shipped_assets_on_smollm2(smollm2) -> None:
     model, tokenizer = smollm2
     facts = load_retention_facts("SmolLM2-135M-Instruct")
-    assert len(facts) >= 1000
+    assert len(facts) >= 600
     assert fact_retention(model, tokenizer, facts) == 1.0  # by construction: the base model knows every one
     probe = GeneralProbe.from_asset(tokenizer)
     assert probe.n_positions >= 20_000

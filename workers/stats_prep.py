@@ -83,3 +83,25 @@ def ensure_statistics(plans: list[StatsPlan], device: str = "auto", progress: Pr
     for plan in todo:
         plan.cache.get(model, tokenizer, ModelLayout.from_model(model), plan.layers, max_len=plan.max_len,
                        progress=progress)
+
+
+def ensure_health_reference(settings: Settings, device: str = "auto") -> bool:
+    """The base model's reference for the health budget (KL on the mixed text, base perplexity and facts), cached
+    under the home's ``general`` dir so no edit worker computes it at start. True when it had to be computed."""
+    from transformers import AutoTokenizer
+
+    from workers.assets import quiet_transformers
+    from workers.evaluation.health_gate import HealthGate, gate_from_settings, settings_budget
+    from workers.model_io import load_model, model_fingerprint
+
+    if not settings.health_budget:
+        return False
+    model_path = settings.resolved_model_path()
+    fingerprint = model_fingerprint(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    if HealthGate.cached(tokenizer, settings_budget(settings), settings.general_dir, fingerprint):
+        return False
+    with quiet_transformers():
+        model, tokenizer = load_model(model_path, device=device)
+    gate_from_settings(model, tokenizer, settings, fingerprint, model_path.name)
+    return True

@@ -176,29 +176,36 @@ def _strict(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, facts: S
     return [a >= 1.0 for a in acc.tolist()]
 
 
-def _bridge(
+def _greedy_found(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, facts: Sequence[dict], pattern, seen: set[str],
-    max_new_tokens: int, max_bridge_chars: int, batch_size: int = 96,
+    args: argparse.Namespace, batch_size: int = 128,
 ) -> list[dict]:
-    """Facts the model states a few words later: when the true answer appears (whole word, after a space) within
-    the first ``max_bridge_chars`` of the greedy continuation, the prompt is extended by the model's own words
-    before it ("X is located in the continent" + " of" -> "Antarctica"). The caller re-checks them strictly."""
+    """Candidates whose true answer the greedy continuation states at once, or bridged: when it appears (whole
+    word, after a space, no newline before it) within its first ``--bridge-chars``, the prompt is extended by the
+    model's own words before it ("X is located in the continent" + " of" -> "Antarctica"). Prompts are batched
+    by token length (little left padding). The caller re-checks every one with the strict teacher-forced rule."""
+    order = sorted(range(len(facts)), key=lambda i: len(tokenizer(facts[i]["prompt"])["input_ids"]))
     out = []
-    for begin in range(0, len(facts), batch_size):
-        group = facts[begin : begin + batch_size]
-        for fact, text in zip(group, greedy_generations(model, tokenizer, [f["prompt"] for f in group],
-                                                        max_new_tokens), strict=True):
+    t0 = time.perf_counter()
+    for begin in range(0, len(order), batch_size):
+        group = [facts[i] for i in order[begin : begin + batch_size]]
+        texts = greedy_generations(model, tokenizer, [f["prompt"] for f in group], args.bridge_tokens)
+        for fact, text in zip(group, texts, strict=True):
             match = re.search(r"(?<!\w)" + re.escape(fact["answer"]) + r"(?!\w)", text)
-            if match is None or match.start() == 0 or match.start() > max_bridge_chars:
+            if match is None or match.start() > args.bridge_chars:
                 continue
             bridge = text[: match.start()]
             if not bridge.endswith(" ") or "\n" in bridge:
+                continue
+            if bridge.strip() == "":
+                out.append(fact)
                 continue
             prompt = fact["prompt"] + bridge.rstrip()
             if prompt in seen or (pattern is not None and pattern.search(prompt)):
                 continue
             seen.add(prompt)
             out.append(fact | {"prompt": prompt, "bridged": True})
+        print(f"  {begin + len(group)}/{len(facts)} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return out
 
 
@@ -206,18 +213,15 @@ def _known(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, facts: Sequence[dict], pattern, seen: set[str],
     args: argparse.Namespace,
 ) -> tuple[list[dict], int, int]:
-    """Facts the model completes greedily as asked, then (``--bridge-tokens`` > 0) bridged ones; counts of each."""
+    """Facts the model completes greedily, as asked or bridged (``--bridge-tokens`` 0: as asked only, checked
+    teacher-forced directly); counts of each."""
     t0 = time.perf_counter()
-    ok = _strict(model, tokenizer, facts)
-    direct = [f for f, k in zip(facts, ok, strict=True) if k]
-    bridged: list[dict] = []
-    if args.bridge_tokens > 0:
-        rest = [f for f, k in zip(facts, ok, strict=True) if not k]
-        candidates = _bridge(model, tokenizer, rest, pattern, seen, args.bridge_tokens, args.bridge_chars)
-        bridged = [f for f, k in zip(candidates, _strict(model, tokenizer, candidates), strict=True) if k]
-    print(f"{len(facts)} candidates: {len(direct)} direct, {len(bridged)} bridged "
+    found = _greedy_found(model, tokenizer, facts, pattern, seen, args) if args.bridge_tokens > 0 else list(facts)
+    kept = [f for f, k in zip(found, _strict(model, tokenizer, found), strict=True) if k]
+    bridged = sum(1 for f in kept if f.get("bridged"))
+    print(f"{len(facts)} candidates: {len(kept) - bridged} direct, {bridged} bridged "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    return direct + bridged, len(direct), len(bridged)
+    return kept, len(kept) - bridged, bridged
 
 
 def build_facts(args: argparse.Namespace) -> None:
@@ -269,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     facts.add_argument("--counterfact-dir", type=Path, required=True,
                        help="folder with counterfact-val.json and counterfact-train.json")
     facts.add_argument("--min-facts", type=int, default=1000)
-    facts.add_argument("--bridge-tokens", type=int, default=10,
+    facts.add_argument("--bridge-tokens", type=int, default=6,
                        help="greedy tokens searched for the answer when it does not come at once (0: direct only)")
     facts.add_argument("--bridge-chars", type=int, default=24, help="most characters of model text before it")
     for p in (text, facts):

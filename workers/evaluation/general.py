@@ -8,19 +8,21 @@
   coarsening is a fixed function of the token, so by the data-processing inequality it can only lose divergence),
   and the share of positions whose edited argmax is the base argmax. Both are ~0 / 1 for an untouched model and
   move long before perplexity does, because they compare the whole distribution rather than the observed token.
-* **Fact retention** on >= 1,000 CounterFact facts the base model completes greedily (``retention_facts.json``,
+* **Fact retention** on 620 CounterFact facts the base model completes greedily (``retention_facts.json``,
   1.0 for the base model by construction, some prompts extended by the model's own words before the answer, see
   ``build_general_assets.py``; a fact whose subject was edited, or whose prompt names it, is dropped).
 * **Fluency**: ROME's weighted bi/tri-gram entropy of greedy generations on fixed prompts; repetition loops (a
   classic symptom of collapse) drive it down.
 * **Perplexity** on the canary prose (``workers.evaluation.collapse.canary_perplexity``).
 
-Costs on the 2-core CPU test machine, SmolLM2-135M, float32 (``general_health``):
+Costs on the 2-core CPU machine, SmolLM2-135M, float32, measured while another job shared the two cores (load ~4,
+so read them as upper bounds; uncontended runs were ~2-3x faster on the same kind of work):
 
-* full (``FULL``: 20,993 KL positions, 1,217 facts, 16 prompts x 48 new tokens): ~55 s in total (KL ~27 s,
-  retention ~10 s, fluency ~17 s, perplexity ~1 s); the base reference is computed once per model (~27 s) and
-  then loaded from the cache.
-* cheap (``CHEAP``: 4,096 positions, 256 facts, 8 prompts x 32 new tokens): ~10 s.
+* full (``FULL``: 32,138 KL positions, 620 facts, 16 prompts x 48 new tokens): ~280 s in total (KL ~70 s,
+  retention ~16 s, fluency ~40 s, perplexity ~12 s, plus contention); the base reference (~70 s) is computed once
+  per model and probe, then loaded from the cache (~5 MB).
+* cheap (``CHEAP``: 4,096 positions, 256 facts, 8 prompts x 32 new tokens): ~100 s (its own reference ~38 s,
+  once; a prefix of the full reference also serves it via ``max_tokens``).
 
 The module is pure torch/transformers (no Ray, Redis or vLLM) so the pipeline, the CLI and tests share it.
 """

@@ -16,6 +16,7 @@ with the KL reference) so the perplexity and retention limits are relative to wh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -100,8 +101,19 @@ class HealthGate:
         self.prompts = FLUENCY_PROMPTS[: budget.n_prompts]
         self.base = self._base_health(model, reference_path(cache_dir, fingerprint, self.probe).with_suffix(".json"))
 
+    def _base_key(self) -> dict[str, object]:
+        facts = hashlib.sha256(json.dumps([(f.prompt, f.answer) for f in self.facts]).encode()).hexdigest()[:16]
+        return {"facts": facts, "prompts": list(self.prompts), "new_tokens": self.budget.max_new_tokens}
+
+    @staticmethod
+    def cached(tokenizer: PreTrainedTokenizerBase, budget: GeneralBudget, cache_dir: Path, fingerprint: str) -> bool:
+        """Whether a gate for this model and budget would find its base reference cached (no base model needed)."""
+        probe = GeneralProbe.from_asset(tokenizer, budget.max_tokens)
+        return reference_path(cache_dir, fingerprint, probe).is_file() and \
+            reference_path(cache_dir, fingerprint, probe).with_suffix(".json").is_file()
+
     def _base_health(self, model: PreTrainedModel, path: Path) -> GeneralHealth:
-        key = {"facts": len(self.facts), "prompts": len(self.prompts), "new_tokens": self.budget.max_new_tokens}
+        key = self._base_key()
         if path.is_file():
             cached = json.loads(path.read_text())
             if cached.get("key") == key:
@@ -135,6 +147,12 @@ class HealthGate:
         return health
 
 
+def settings_budget(settings: Settings) -> GeneralBudget:
+    """The per-version slice of the measures the deployment scores (``EDITQ_HEALTH_TOKENS`` etc.)."""
+    return GeneralBudget(max_tokens=settings.health_tokens, max_facts=settings.health_facts,
+                         n_prompts=settings.health_fluency_prompts, max_new_tokens=32)
+
+
 def gate_from_settings(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: Settings, fingerprint: str,
     model_name: str | None,
@@ -146,6 +164,5 @@ def gate_from_settings(
         settings.health_max_kl, settings.health_max_ppl_ratio, settings.health_min_retention,
         settings.health_min_top1_agreement, settings.health_min_fluency_ratio,
     )
-    budget = GeneralBudget(max_tokens=settings.health_tokens, max_facts=settings.health_facts,
-                           n_prompts=settings.health_fluency_prompts, max_new_tokens=32)
-    return HealthGate(model, tokenizer, limits, budget, settings.home / "general", fingerprint, model_name)
+    return HealthGate(model, tokenizer, limits, settings_budget(settings), settings.general_dir, fingerprint,
+                      model_name)
