@@ -275,7 +275,9 @@ def _report(result: DemoResult, requests: list[EditRequest], shown: list[EditReq
     for r, (b, bv), (a, av) in zip(shown, result.before, result.after, strict=True):
         table.add_row(r.text, r.target_new, f"{b} [dim](v{bv})[/]", f"{a} [dim](v{av})[/]")
     console.print(table)
-    metrics = Table(title=f"edit metrics on version {result.head}, rebuilt from the store (share of prompts)")
+    in_weights = sum(1 for st in result.finals.values() if st and st.served_by and st.served_by.value == "weights")
+    metrics = Table(title=f"edit metrics on version {result.head}, rebuilt from the store (share of prompts; "
+                          f"weights alone: {in_weights} of {len(requests)} edits are in them)")
     for col in ("metric", "before", "after"):
         metrics.add_column(col)
     for key in ("efficacy", "generalization", "specificity"):
@@ -285,6 +287,9 @@ def _report(result: DemoResult, requests: list[EditRequest], shown: list[EditReq
     counts = Counter(s.state.value for s in finals.values() if s)
     served = Counter(f"{s.served_by.value}" + (f" ({s.reason_code.value})" if s.reason_code else "")
                      for s in finals.values() if s and s.served_by)
+    if any(s and s.reason_code and s.reason_code.value == "health_budget" for s in finals.values()):
+        console.print("health budget: once a version would take the model past its limits (KL, perplexity, known "
+                      "facts vs the base model; docs/health.md), the weights refuse and the retrieval tier serves")
     console.print(f"outcomes: {dict(sorted(counts.items()))}; served by: {dict(sorted(served.items()))}; "
                   f"{len(requests) / result.seconds:.2f} edits/s end to end (start-up {result.startup_s:.0f} s "
                   f"before); follow any edit with `editq status <edit_id>` (EDITQ_NAMESPACE={namespace})")
