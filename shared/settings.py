@@ -238,8 +238,10 @@ class Settings(BaseSettings):
     health_min_fluency_ratio: float | None = Field(
         default=None, ge=0, le=1, description="Least n-gram entropy of greedy generations relative to the base."
     )
-    health_tokens: int = Field(default=2048, ge=16, description="Mixed-text positions scored per version.")
-    health_facts: int = Field(default=256, ge=0, description="Known facts scored per version.")
+    # Sized to keep the per-version check short on CPU (the canary perplexity is shared with the collapse metrics);
+    # one fact is 0.8% of retention, so a 5% limit is six facts.
+    health_tokens: int = Field(default=1024, ge=16, description="Mixed-text positions scored per version.")
+    health_facts: int = Field(default=128, ge=0, description="Known facts scored per version.")
     health_fluency_prompts: int = Field(
         default=0, ge=0, description="Prompts generated per version for fluency (0: fluency not scored per version)."
     )

@@ -227,7 +227,7 @@ class EditWorker:
                 seconds[f"shard_{key}"] = max(seconds.get(f"shard_{key}", 0.0), value)
         missed = self.missed_edits(result, job.requests, seconds)
         metrics_start = time.perf_counter()
-        metrics = self.collapse_metrics(result, job.requests, job.version)
+        metrics = self.collapse_metrics(result, job.requests, job.version, readings[0].ppl if readings else None)
         if readings:
             metrics |= health_metrics(readings[0])
         seconds["collapse_metrics"] = time.perf_counter() - metrics_start
@@ -257,7 +257,9 @@ class EditWorker:
         seconds["efficacy_check"] = time.perf_counter() - start
         return [edit_id for edit_id, ok in zip(result.edit_ids, success, strict=True) if ok < 0.5]
 
-    def collapse_metrics(self, result: BatchResult, requests: list[EditRequest], version: int) -> dict[str, float]:
+    def collapse_metrics(
+        self, result: BatchResult, requests: list[EditRequest], version: int, perplexity: float | None = None
+    ) -> dict[str, float]:
         """Per-matrix signals every version; model-level ones (perplexity, control facts, retention of earlier
         edits) every ``collapse_every`` versions. Metric failures are logged, never fail the batch."""
         out: dict[str, float] = {}
@@ -274,7 +276,8 @@ class EditWorker:
             if result.guard_efficacy is not None:
                 out[metric_key("editq_guard_batch_efficacy_ratio")] = result.guard_efficacy
             if version % self.collapse_every == 0:
-                out |= model_health(self.model, self.tokenizer, self.control_facts, self.retention)
+                out |= model_health(self.model, self.tokenizer, self.control_facts, self.retention,
+                                    perplexity=perplexity)
         except Exception as err:  # a metric must never cost an applied batch
             log.warning("worker %d: collapse metrics failed at version %d: %s", self.index, version, err)
         self.retention.add(requests)  # after measuring: the sample holds only earlier edits

@@ -99,9 +99,12 @@ def model_health(
     facts: Sequence[ControlFact],
     sample: RetentionSample | None = None,
     texts: Sequence[str] | None = None,
+    perplexity: float | None = None,
 ) -> dict[str, float]:
-    """The model-level gauges as flat manifest keys (``shared.metrics.metric_key``)."""
-    out = {metric_key("editq_canary_perplexity"): canary_perplexity(model, tokenizer, texts)}
+    """The model-level gauges as flat manifest keys (``shared.metrics.metric_key``); ``perplexity`` is the canary
+    perplexity when already measured on this model (the health gate scores it too)."""
+    ppl = perplexity if perplexity is not None else canary_perplexity(model, tokenizer, texts)
+    out = {metric_key("editq_canary_perplexity"): ppl}
     if facts:
         out[metric_key("editq_control_fact_accuracy_ratio")] = control_fact_accuracy(model, tokenizer, facts)
     kept = sample.retention(model, tokenizer) if sample is not None else None
