@@ -9,11 +9,10 @@ import math
 import pytest
 import torch
 
-from controller.runtime import start_controller, stop_controller
 from shared.settings import Settings
 from tests.pipeline_helpers import Probe, pipeline_settings, tiny_requests
 from tests.test_guards import REQUESTS, _hp, _same, _snapshot, stats  # noqa: F401 (fixture)
-from tests.test_pipeline import _submit
+from tests.test_pipeline import run_to_terminal
 from workers.editing.editor import Editor
 from workers.evaluation.general import GeneralBudget, GeneralHealth
 from workers.evaluation.health_gate import HEALTH_BUDGET, HealthGate, HealthLimits, gate_from_settings, health_metrics
@@ -89,12 +88,7 @@ def test_a_version_past_the_budget_never_goes_live(ray_session, redis_url, tiny_
     probe = Probe(settings)
     requests = tiny_requests(4)
     try:
-        _submit(settings, requests)
-        actor, run_ref = start_controller(settings)
-        try:
-            states = probe.wait_terminal([r.edit_id for r in requests])
-        finally:
-            stop_controller(actor, run_ref)
+        states = run_to_terminal(settings, probe, requests)
         assert set(states.values()) == {"rejected"}
         outcomes = probe.outcomes()
         assert len(outcomes) == len(requests)

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.schemas import EditRequest
+from tests.test_guards import REQUESTS
 from workers.editing.alphaedit import alphaedit_update, null_space_projector
 from workers.editing.editor import Editor
 from workers.editing.hparams import ALGOS, NULL_SPACE_ALGOS, V_STAR_ALGOS, EditHParams
@@ -129,10 +129,6 @@ def test_hybrid_is_registered_and_validated() -> None:
     assert EditHParams().norm_cap is None
 
 
-REQUESTS = [
-    EditRequest(subject="france", prompt="the capital of {} is", target_new="rome", target_true="paris"),
-    EditRequest(subject="danielle darrieux", prompt="the mother tongue of {} is", target_new="english"),
-]
 CORPUS = "\n\n".join([
     "the capital of germany is berlin", "the eiffel tower is located in paris", "who plays jazz piano",
     "the city of london is famous for music", "what language is spoken in france ? french",

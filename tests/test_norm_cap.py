@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.schemas import EditRequest
+from tests.test_guards import REQUESTS
 from workers.editing.editor import Editor
 from workers.editing.hparams import EditHParams
 from workers.editing.stats import SecondMomentCache, StatsCorpus
@@ -77,10 +77,6 @@ def test_guard_is_active_with_the_cap_only() -> None:
     assert SpectralGuard.active(EditHParams(norm_cap=0.1))
 
 
-REQUESTS = [
-    EditRequest(subject="france", prompt="the capital of {} is", target_new="rome", target_true="paris"),
-    EditRequest(subject="danielle darrieux", prompt="the mother tongue of {} is", target_new="english"),
-]
 CORPUS = "\n\n".join([
     "the capital of germany is berlin", "the eiffel tower is located in paris", "who plays jazz piano",
     "the city of london is famous for music", "what language is spoken in france ? french",

@@ -32,6 +32,16 @@ def _submit(settings, requests) -> list:
     return asyncio.run(go())
 
 
+def run_to_terminal(settings, probe, requests) -> dict[str, str]:
+    """Submit ``requests``, run a controller until each has its terminal outcome, stop it; the final states."""
+    _submit(settings, requests)
+    actor, run_ref = start_controller(settings)
+    try:
+        return probe.wait_terminal([r.edit_id for r in requests])
+    finally:
+        stop_controller(actor, run_ref)
+
+
 @pytest.fixture
 def probe_factory():
     probes = []
@@ -177,12 +187,7 @@ def test_out_of_memory_batch_is_split_to_isolate_the_edit_that_cannot_fit(
     requests = tiny_requests(4)
     long_prompt = "the city of " * 40 + "{} is located in"
     requests[2] = requests[2].model_copy(update={"prompt": long_prompt, "edit_id": "too-long"})
-    _submit(settings, requests)
-    actor, run_ref = start_controller(settings)
-    try:
-        states = probe.wait_terminal([r.edit_id for r in requests])
-    finally:
-        stop_controller(actor, run_ref)
+    states = run_to_terminal(settings, probe, requests)
     assert states == {"e0": "applied", "e1": "applied", "too-long": "failed", "e3": "applied"}
     failed = next(o for o in probe.outcomes() if o.edit_id == "too-long")
     assert failed.reason_code == "out_of_memory" and "EDITQ_WORKER_MAX_BATCH_TOKENS" in failed.reason

@@ -11,7 +11,7 @@ import pytest
 
 from controller.runtime import start_controller, stop_controller
 from tests.pipeline_helpers import Probe, ServedAPI, pipeline_settings, tiny_requests
-from tests.test_pipeline import _submit
+from tests.test_pipeline import run_to_terminal
 
 
 def _hparams(tiny_model_dir, tmp_path, **extra) -> str:
@@ -27,12 +27,7 @@ def test_guard_rejection_becomes_collapse_risk_outcomes(ray_session, redis_url, 
     probe = Probe(settings)
     requests = tiny_requests(4)
     try:
-        _submit(settings, requests)
-        actor, run_ref = start_controller(settings)
-        try:
-            states = probe.wait_terminal([r.edit_id for r in requests])
-        finally:
-            stop_controller(actor, run_ref)
+        states = run_to_terminal(settings, probe, requests)
         assert set(states.values()) == {"rejected"}
         outcomes = probe.outcomes()
         assert len(outcomes) == len(requests)

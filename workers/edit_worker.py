@@ -209,11 +209,10 @@ class EditWorker:
         gate = self.health
 
         def accept(model) -> None:  # the candidate, before the editor keeps it: raises past the budget
-            if gate is not None:
-                readings.append(gate.check(model, subjects, [r.edit_id or r.content_key() for r in job.requests]))
+            readings.append(gate.check(model, subjects, [r.edit_id or r.content_key() for r in job.requests]))
 
         try:
-            result = self.editor.apply(job.requests, values, accept=accept)
+            result = self.editor.apply(job.requests, values, accept=accept if gate is not None else None)
         except GuardRejection as err:
             log.warning("worker %d: batch for version %d rejected (%s): %s", self.index, job.version, err.reason, err)
             raise
