@@ -30,11 +30,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -44,7 +42,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/lifelong.py` finds benchmarks.*
 
 from benchmarks.lifelong_loop import (
-    METRICS,
     General,
     LoopOptions,
     general_evaluator,
@@ -52,7 +49,6 @@ from benchmarks.lifelong_loop import (
     run_loop,
 )
 from benchmarks.sequential_collapse import _parse_sets, _setup, _stats, _write
-from shared.schemas import EditRequest
 from shared.settings import Settings
 from workers.datasets import load_edits
 from workers.editing.editor import Editor
@@ -65,63 +61,12 @@ from workers.evaluation.general import (
     load_retention_facts,
 )
 from workers.evaluation.health_gate import HealthGate, gate_from_settings
-from workers.retrieval.evaluation import score_items
-from workers.retrieval.tier import RetrievalTier, default_checkpoint_path
+from workers.retrieval.served_scoring import TierScorer, load_tier_scorer
 
 
-class RecipeTierScorer:
-    """The RECIPE tier over the tier-routed edits (in-memory index), scored as ``workers.retrieval.evaluation``:
-    each edit / paraphrase / neighbourhood query retrieves over ALL tier-held edits and the hit's prompt (whichever
-    edit it is; nothing on a sentinel rejection) is prepended to the current model's input."""
-
-    def __init__(self, tier: RetrievalTier) -> None:
-        self.tier = tier
-
-    def add(self, edits: Sequence[EditRequest]) -> None:
-        self.tier.add_many(edits)
-
-    def score(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, edits: Sequence[EditRequest]
-    ) -> dict[str, float]:
-        queries: list[tuple[int, str, str, str, str]] = []  # (record, metric, text, should win, should lose)
-        for i, r in enumerate(edits):
-            true = str(r.target_true)
-            queries.append((i, "efficacy", r.text, r.target_new, true))
-            queries += [(i, "generalization", p, r.target_new, true) for p in r.paraphrase_prompts]
-            queries += [(i, "specificity", p.prompt, p.target, r.target_new) for p in r.neighborhood_prompts]
-        hits = self.tier.search([q[2] for q in queries])
-        used = [h.edit_id if h.accepted else None for h in hits]
-        prompts = {pid: self.tier.store.prompt(pid) for pid in used if pid is not None}  # type: ignore[union-attr]
-        items = [(q[2], cand, pid) for q, pid in zip(queries, used, strict=True) for cand in (q[3], q[4])]
-        nll, _ = score_items(model, tokenizer, items, prompts)
-        per: dict[str, dict[int, list[float]]] = {k: {} for k in METRICS}
-        for q, a, b in zip(queries, nll[0::2], nll[1::2], strict=True):
-            per[q[1]].setdefault(q[0], []).append(float(a < b))
-        out = {k: _mean([_mean(v) for v in per[k].values()]) for k in METRICS}
-        own = [pid == str(edits[q[0]].edit_id) for q, pid in zip(queries, used, strict=True) if q[1] == "efficacy"]
-        out["rel_hit"] = _mean([float(x) for x in own])
-        out["loc_reject"] = _mean([float(pid is None) for q, pid in zip(queries, used, strict=True)
-                                   if q[1] == "specificity"])
-        return out
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
-
-
-def load_tier(settings: Settings, fingerprint: str) -> RecipeTierScorer | None:
-    """The shipped (or configured) RECIPE checkpoint when it was trained for this model, else None (logged)."""
-    from workers.retrieval.modules import RecipeModel
-
-    path = Path(settings.retrieval_checkpoint or default_checkpoint_path())
-    if not path.is_file():
-        print(f"no RECIPE checkpoint at {path}: tier edits are counted but not scored", file=sys.stderr)
-        return None
-    trained_for = RecipeModel.load(path)[1].get("model_fingerprint")
-    if trained_for and trained_for != fingerprint:
-        print(f"{path.name} was trained for {trained_for}, not {fingerprint}: tier edits not scored", file=sys.stderr)
-        return None
-    return RecipeTierScorer(RetrievalTier.load(path, settings=settings))  # in-memory index (no Redis)
+def load_tier(settings: Settings, fingerprint: str) -> TierScorer | None:
+    """The tier as the deployment serves it (``EDITQ_RETRIEVAL_INJECTION``), scored over the current model."""
+    return load_tier_scorer(settings, fingerprint)
 
 
 def load_general(model: PreTrainedModel, tok: PreTrainedTokenizerBase, settings: Settings, fingerprint: str,

@@ -78,11 +78,15 @@ def evaluate(
     general: Annotated[
         bool, typer.Option(help="Also measure KL/top-1 agreement to the base model, fact retention and fluency.")
     ] = True,
+    policy: Annotated[
+        bool, typer.Option(help="Apply the deployment's guards and health budget; edits the weights refuse are "
+                                "served (and scored) by the retrieval tier. --no-policy: the bare editor.")
+    ] = True,
     model: ModelOpt = None,
     home: HomeOpt = None,
 ) -> None:
-    """Sequentially edit the first N records in batches, then report efficacy/generalization/specificity (and the
-    general-ability measures of docs/health.md)."""
+    """Sequentially edit the first N records in batches, then report efficacy/generalization/specificity as served
+    (weights or retrieval tier; and the general-ability measures of docs/health.md)."""
     from workers.datasets import DataFormatError
     from workers.editing.hparams import ALGOS
     from workers.evaluation.runner import EvalConfig, run_evaluation
@@ -93,7 +97,7 @@ def evaluate(
         fail(f"--data {data} does not exist")
     cfg = EvalConfig(
         data=data, limit=limit, batch_size=batch_size, algo=algo, hparams=_parse_overrides(set_),
-        stats_corpus=stats_corpus, model_path=model, state_out=save_state, general=general,
+        stats_corpus=stats_corpus, model_path=model, state_out=save_state, general=general, policy=policy,
     )
     try:
         with stage_progress(console) as progress:
@@ -122,6 +126,10 @@ def _print_metrics(result: dict[str, Any]) -> None:
         table.add_row("KL to base (lower bound)", "0", _fmt(general["kl"], 4))
         table.add_row("top-1 agreement", "1", _fmt(general["top1_agreement"]))
     console.print(table)
+    if result.get("policy"):
+        routed = ", ".join(f"{n} {reason}" for reason, n in result["policy"]["routed"].items()) or "none"
+        console.print(f"served by the weights {result['weights_share']:.0%}, by the retrieval tier "
+                      f"{result['tier_share']:.0%} (routed: {routed})")
     console.print(
         f"seconds/edit {result['seconds_per_edit']:.2f} (statistics {result['stats_seconds']:.1f} s, once)"
     )

@@ -192,7 +192,30 @@ def api() -> None:
     uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_level="info")
 
 
+def compact() -> None:
+    """Ask the running controller to compact: re-solve all live edits jointly on the base weights as one new
+    version (health-budgeted and rolled out like any other; `editq watch` and the version's manifest show it)."""
+    import getpass
+
+    from controller.compaction import request_compaction
+
+    settings = Settings()
+
+    async def go() -> None:
+        streams = EditStreams.from_url(settings.redis_url, settings.namespace, settings.stream_maxlen)
+        try:
+            await request_compaction(streams, getpass.getuser())
+        finally:
+            await streams.close()
+
+    try:
+        asyncio.run(go())
+    except OSError as err:
+        fail(f"cannot reach Redis at {settings.redis_url}: {err}")
+    console.print("compaction requested: the controller runs it between batches")
+
+
 def register(app: typer.Typer) -> None:
-    for command in (submit, status, watch, up, api):
+    for command in (submit, status, watch, up, api, compact):
         app.command(command.__name__)(command)
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import ray
 from ray.actor import ActorHandle
 
-from shared.jobs import EditJob, EditResult, StoreMeta, ValuesJob, WorkerConfig, WorkerInfo
+from shared.jobs import CompactJob, EditJob, EditResult, StoreMeta, ValuesJob, WorkerConfig, WorkerInfo
 from shared.schemas import EditRequest
 from shared.settings import Settings
 from shared.weight_store import WeightStore
@@ -137,6 +137,12 @@ class EditWorkerPool:
             )))
         job = EditJob(parent=parent, version=version, requests=list(requests), shards=shards)
         return await self._call(leader.edit.remote(job))
+
+    async def compact(self, parent: int, version: int, max_lost: int | None) -> EditResult:
+        """Re-solve all live edits of ``parent`` jointly on the leader (one closed-form solve; no v* to shard)."""
+        await self.sync(parent)
+        job = CompactJob(parent=parent, version=version, max_lost=max_lost)
+        return await self._call(self.workers[0].compact.remote(job))
 
     def kill(self, index: int, restart: bool = True) -> None:
         """Kill one worker (tests and operators); with ``restart`` Ray brings it back at the base version."""

@@ -36,6 +36,7 @@ from shared.streams import EditStreams, Finished
 from shared.weight_store import StoreError, VersionManifest, WeightStore
 
 log = logging.getLogger("editq.publish")
+COMPACTION_PROBES = 32  # live edits a compaction's canary checks
 
 
 def count_routes(metrics: Metrics, finished: Sequence[Finished], recorded: int) -> None:
@@ -120,13 +121,30 @@ class Publisher:
         manifest = self.store.manifest(head)
         requests = await self.streams.requests(manifest.edit_ids)
         ordered = [requests[e] for e in manifest.edit_ids if e in requests]
-        return await self.publish(head, ordered, manifest.missed_edit_ids)
+        probes = self.compaction_probes(manifest) if manifest.kind == "compaction" else ()
+        return await self.publish(head, ordered, manifest.missed_edit_ids, probes)
+
+    def compaction_probes(self, manifest: VersionManifest, n: int = COMPACTION_PROBES) -> list[EditRequest]:
+        """A compaction writes no edits of its own but re-solves all of them: the canary probes the newest
+        ``n`` live edits that took (their manifests hold the requests)."""
+        out: list[EditRequest] = []
+        parent = manifest.parent
+        while parent and len(out) < n:
+            earlier = self.store.manifest(parent)
+            missed = set(earlier.missed_edit_ids)
+            out += [r for r in reversed(earlier.edits) if r.edit_id not in missed][: n - len(out)]
+            parent = earlier.parent
+        return out
 
     # ---- one rollout --------------------------------------------------------------------------------------------
-    async def publish(self, version: int, requests: Sequence[EditRequest], missed: Sequence[str] = ()) -> str:
+    async def publish(
+        self, version: int, requests: Sequence[EditRequest], missed: Sequence[str] = (),
+        extra_probes: Sequence[EditRequest] = (),
+    ) -> str:
         """Make committed ``version`` live (or roll it back); returns ``live``, ``rolled_back`` or ``pending``.
         ``requests``/``missed``: its own edits and those that did not take (they stay in the retrieval tier); the
-        edits of earlier versions that were never live are read from their manifests and decided with it."""
+        edits of earlier versions that were never live are read from their manifests and decided with it.
+        ``extra_probes``: edits the canary also checks (a compaction's sample of the live edits)."""
         ids = [r.edit_id for r in requests]
         if self.rollout is None:
             taken = [e for e in ids if e not in set(missed)]
@@ -145,7 +163,7 @@ class Publisher:
         probed = [r for r in (*(known[e] for e in earlier_ids if e in known), *requests) if r.edit_id not in all_missed]
         # Probe only the edits that took on the worker: the canary must reproduce the update, and the edits the
         # efficacy check found weak are answered by the tier, not by these weights.
-        result = await self.rollout.deploy(version, probes_from_requests(probed))
+        result = await self.rollout.deploy(version, probes_from_requests([*probed, *extra_probes]))
         if result.status == "live":
             recorded = 0
             for number, edit_ids in groups:

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from controller.cli_common import HomeOpt, ModelOpt, console, fail, settings_with
 from controller.progress import stage_progress
+from shared.settings import INJECTIONS
 
 retrieval_app = typer.Typer(help="RECIPE retrieval tier: train and evaluate its heads.", no_args_is_help=True)
 
@@ -131,6 +132,10 @@ def eval_cmd(
     model: ModelOpt = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics here.")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (env EDITQ_TORCH_THREADS).")] = None,
+    injection: Annotated[
+        str | None, typer.Option(help="What a hit puts in front of the query: prompt, text or hybrid "
+                                      "(default: EDITQ_RETRIEVAL_INJECTION).")
+    ] = None,
 ) -> None:
     """Held-out check: store N edits only in the tier, report reliability / generality / locality / hit rates."""
     import time
@@ -142,15 +147,22 @@ def eval_cmd(
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = settings_with(home, model)
+    injection = injection or settings.retrieval_injection
+    if injection not in INJECTIONS:
+        fail(f"--injection must be one of {', '.join(INJECTIONS)}, not {injection!r}")
     _set_threads(threads or settings.torch_threads)
     try:
         tier = RetrievalTier.load(checkpoint, settings=settings)
         llm, tokenizer = load_model(settings.resolved_model_path(), device="cpu")
     except (FileNotFoundError, ValueError) as err:
         fail(str(err))
-    records = load_edits(data or bundled_counterfact_path(), limit=limit).requests
+    try:
+        records = load_edits(data or bundled_counterfact_path(), limit=limit).requests
+    except (FileNotFoundError, ValueError) as err:
+        fail(str(err))
     tick = time.perf_counter()
-    metrics = evaluate_tier(tier.recipe, tier.encoder, llm, tokenizer, records).as_dict()
+    metrics = evaluate_tier(tier.recipe, tier.encoder, llm, tokenizer, records, injection=injection).as_dict()
+    metrics["injection"] = injection
     metrics["seconds"] = round(time.perf_counter() - tick, 1)
     _show({str(len(records)): metrics})
     if json_out is not None:

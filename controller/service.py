@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from controller.batching import Batcher
+from controller.compaction import Compactor
 from controller.janitor import dead_letter_if_poison, sweep
 from controller.pool import EditWorkerPool
 from controller.publish import Publisher, count_routes
@@ -62,6 +63,7 @@ class Controller:
         self.metrics = metrics or (default_metrics())
         self.publisher = Publisher(self.streams, self.pool, self.store, self.metrics)
         self.verdicts = Verdicts(s, self.streams, self.store, self.publisher, self.metrics)
+        self.compactor = Compactor(s, self.streams, self.pool, self.store, self.publisher, self.metrics)
         self.indexer = None  # the retrieval-tier indexer actor, when the tier is on
         self._stop = False
         self._state = "starting"
@@ -193,6 +195,8 @@ class Controller:
         batch = self.batcher.take()
         if batch:
             await self._process(batch)
+        elif why := await self.compactor.due():  # between batches, never delaying one that is due
+            await self.compactor.run(why)
         if time.monotonic() - self._last_sweep > s.janitor_interval_s:
             self._last_sweep = time.monotonic()
             await self._sweep()
@@ -320,7 +324,7 @@ class Controller:
             version, head, meta.base_model, result.edit_ids, meta.algo, result.deltas, result.checksums,
             hparams=meta.hparams,
             metrics={**result.metrics, **{f"seconds_{k}": v for k, v in result.seconds.items()}},
-            missed_edit_ids=result.missed_edit_ids, reference=result.reference,
+            missed_edit_ids=result.missed_edit_ids, reference=result.reference, edits=requests,
         )
         self.store.put(manifest, result.deltas, result.aux)
         state, missed = self.publisher.commit_state, set(result.missed_edit_ids)
@@ -346,6 +350,7 @@ class Controller:
             raise StaleHeadError(f"head moved from {head} to {now} while version {version} was computed")
         self._counts["batches"] += 1
         self._counts["applied"] += recorded
+        self.compactor.committed()
         if state == EditState.applied:
             self.metrics.inc("editq_outcomes", recorded, state=state.value)
             count_routes(self.metrics, finished, recorded)

@@ -71,6 +71,15 @@ class EditJob(BaseModel):
     shards: list[ValuesShard] | None = None  # precomputed v* of the requests, in order; None: compute here
 
 
+class CompactJob(BaseModel):
+    """Re-solve every live edit of ``parent``'s lineage jointly on the base weights to make ``version``."""
+
+    parent: int = Field(ge=0)
+    version: int = Field(ge=1)
+    max_lost: int | None = Field(default=0, ge=0, description="Refuse when more edits that take now would stop "
+                                 "taking (None: never refuse for that).")
+
+
 class EditResult(BaseModel):
     """The leader's update for one batch, in the stored format, plus what the manifest records."""
 
@@ -90,3 +99,4 @@ class EditResult(BaseModel):
     # greedy answers of the leader's model (exactly the committed weights) on the fixed probe set; every replica
     # must reproduce them (None when they could not be computed: the replicas then skip the check, logged)
     reference: ReferenceAnswers | None = None
+    kind: str = "edit"  # or "compaction" (then ``edit_ids`` is empty and ``metrics`` holds the compaction's record)

@@ -52,6 +52,8 @@ SPECS: dict[str, MetricSpec] = {
                    buckets=_SECONDS),
         MetricSpec("editq_outcomes", Kind.counter, "Terminal outcomes by state.", ("state",)),
         MetricSpec("editq_weight_version", Kind.gauge, "Newest committed weight version."),
+        MetricSpec("editq_compactions", Kind.counter, "Compactions (all live edits re-solved on the base weights) "
+                   "by outcome: committed or refused.", ("outcome",)),
         MetricSpec("editq_live_version", Kind.gauge, "Weight version the served model runs."),
         MetricSpec("editq_delta_bytes", Kind.histogram, "Stored bytes per version delta.",
                    buckets=(1e4, 1e5, 1e6, 1e7, 1e8, 1e9)),

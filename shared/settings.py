@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_ENCODER_NAME = "all-MiniLM-L6-v2"
+INJECTIONS = ("prompt", "text", "hybrid")  # what a retrieval hit puts in front of the query
 
 
 class Settings(BaseSettings):
@@ -202,8 +204,27 @@ class Settings(BaseSettings):
     retrieval_checkpoint: Path | None = Field(
         default=None, description="RECIPE checkpoint; default: the one shipped for SmolLM2-135M-Instruct."
     )
+    retrieval_injection: Literal["prompt", "text", "hybrid"] = Field(
+        default="hybrid", description="What a retrieval hit puts in front of the query: RECIPE's continuous prompt, "
+        "the edit's statement as plain text (in-context editing), or both (the default: the best measured, "
+        "docs/retrieval.md).",
+    )
+    retrieval_top_k: int = Field(
+        default=1, ge=1, le=8, description="Text and hybrid injection: put the statements of up to this many "
+        "retrieved edits above the sentinel in front of a query (a query may need two facts about one subject).",
+    )
     retrieval_refresh_s: float = Field(
         default=0.2, gt=0, description="How often a reader replays other processes' tier changes (visibility lag)."
+    )
+
+    compact_every_versions: int | None = Field(
+        default=None, ge=1, description="Compaction: after this many committed edit versions, re-solve all live "
+        "edits jointly on the base weights as one new version (gated like any other). None: only on demand "
+        "(`editq compact`). docs/health.md has the measurements behind the default.",
+    )
+    compact_max_lost: int | None = Field(
+        default=0, ge=0, description="Refuse a compaction after which more than this many edits that take now "
+        "would stop taking (None: never refuse for that).",
     )
 
     capacity_max_drift: float | None = Field(

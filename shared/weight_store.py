@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
 from shared.delta import MatrixDelta, tensor_sha256
+from shared.schemas import EditRequest
 
 BASE_VERSION = 0
 BASE_REFERENCE_FILE = "reference-v00000000.json"
@@ -77,6 +78,14 @@ class VersionManifest(BaseModel):
     base_model: str = Field(description="Fingerprint of the base model directory.")
     edit_ids: list[str]
     algo: str
+    kind: Literal["edit", "compaction"] = Field(
+        default="edit", description="``compaction``: all live edits re-solved jointly on the base weights; writes "
+        "no new edits (``edit_ids`` empty) and replaces the accumulated preserved keys.",
+    )
+    edits: list[EditRequest] = Field(
+        default_factory=list, description="The edits this version wrote, as submitted, in ``edit_ids`` order: "
+        "compaction re-reads their keys (with the v* stored beside the delta). Empty in older manifests.",
+    )
     hparams: dict = Field(default_factory=dict)
     matrices: list[MatrixEntry]
     metrics: dict[str, float] = Field(default_factory=dict)
@@ -111,6 +120,8 @@ def build_manifest(
     metrics: dict[str, float] | None = None,
     missed_edit_ids: list[str] | None = None,
     reference: ReferenceAnswers | None = None,
+    edits: list[EditRequest] | None = None,
+    kind: Literal["edit", "compaction"] = "edit",
 ) -> VersionManifest:
     entries = [
         MatrixEntry(
@@ -122,7 +133,7 @@ def build_manifest(
     return VersionManifest(
         version=version, parent=parent, base_model=base_model, edit_ids=edit_ids, algo=algo,
         hparams=hparams or {}, matrices=entries, metrics=metrics or {}, missed_edit_ids=missed_edit_ids or [],
-        reference=reference,
+        reference=reference, edits=edits or [], kind=kind,
     )
 
 

@@ -75,6 +75,20 @@ def test_protected_rank_by_energy_and_rank() -> None:
     assert spectrum.rank_for(energy=0.5, rank=3) == 3  # an explicit rank wins
 
 
+def test_random_subspace_control_has_the_same_rank_and_is_not_the_dominant_one() -> None:
+    w = torch.randn(12, 20, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    spectrum = Spectrum.of(w)
+    u_d, v_d = protected_bases(spectrum, 0.5, None)
+    u_r, v_r = protected_bases(spectrum, 0.5, None, subspace="random", seed=7)
+    assert u_r.shape == u_d.shape and v_r.shape == v_d.shape
+    torch.testing.assert_close(u_r.T @ u_r, torch.eye(u_r.shape[1], dtype=torch.float64))
+    torch.testing.assert_close(v_r.T @ v_r, torch.eye(v_r.shape[1], dtype=torch.float64))
+    assert torch.linalg.matrix_norm(u_d.T @ u_r) < u_d.shape[1] ** 0.5 - 0.1  # not the same subspace
+    assert torch.equal(protected_bases(spectrum, 0.5, None, "random", seed=7)[0], u_r)  # deterministic
+    with pytest.raises(ValueError, match="revive_subspace"):
+        EditHParams(revive_subspace="top")
+
+
 def test_spectrum_cache_round_trip(tmp_path) -> None:
     w = torch.randn(6, 9, generator=torch.Generator().manual_seed(1))
     first = spectrum_cached(w, tmp_path)

@@ -204,11 +204,14 @@ def test_repository_is_durable_and_shared(redis_prefix: str) -> None:
     hit = second.lookup(_unit(0))
     assert hit is not None and hit.edit_id == edit.edit_id
     assert torch.equal(hit.prompt, torch.full((3, 2), 0.5))
+    assert hit.statement == "the capital of france is rome"  # text and hybrid injection put it in front
     stored = second.entry(str(edit.edit_id))
     assert stored is not None and stored.edit.target_new == "rome" and stored.statement.endswith("rome")
     other = edit.model_copy(update={"edit_id": "other-1"})
     second.add(other, "x", _unit(1), torch.zeros(3, 2))
     assert first.refresh() == 1 and "other-1" in first  # replayed from the change log
+    replayed = first.lookup(_unit(1), refresh=False)
+    assert replayed is not None and replayed.statement == "x"
     assert first.retire(str(edit.edit_id)) and not first.retire(str(edit.edit_id))
     second.refresh()
     assert first.lookup(_unit(0), refresh=False) is None and second.lookup(_unit(0), refresh=False) is None
@@ -253,6 +256,10 @@ def test_shipped_checkpoint_holds_100_val_edits(smollm2, redis_prefix: str) -> N
     assert own / 20 >= recorded["rel_hit"] - 0.1
     for name in ("reliability", "generality", "locality", "rel_hit", "gen_hit", "loc_reject"):
         assert getattr(metrics, name) >= recorded[name] - 0.05, (name, metrics.as_dict(), recorded)
+    # The shipped default injection (continuous prompt + statement text): 0.97 / 0.87 / 0.99 measured on these 100
+    # (benchmarks/results/retrieval_injection_cpu.json, "sweep"); asserted with the same 0.05 margin.
+    hybrid = evaluate_tier(tier.recipe, tier.encoder, model, tokenizer, edits, diagnostics=False, injection="hybrid")
+    assert hybrid.reliability >= 0.92 and hybrid.generality >= 0.82 and hybrid.locality >= 0.94, hybrid.as_dict()
     # A hit's prompt goes in front of the query; a retired edit is no longer returned.
     edit = next(e for e, h in zip(edits, hits, strict=False) if h is not None and h.edit_id == e.edit_id)
     hit = again.lookup(edit.text)

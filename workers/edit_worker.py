@@ -26,11 +26,12 @@ import time
 
 import torch
 
-from shared.jobs import EditJob, EditResult, StoreMeta, ValuesJob, ValuesShard, WorkerConfig, WorkerInfo
+from shared.jobs import CompactJob, EditJob, EditResult, StoreMeta, ValuesJob, ValuesShard, WorkerConfig, WorkerInfo
 from shared.metrics import metric_key
 from shared.schemas import EditRequest
 from shared.settings import Settings
 from shared.weight_store import BASE_VERSION, LocalWeightStore, ReferenceAnswers, lineage
+from workers.editing.compaction import compact, live_edits
 from workers.editing.editor import Editor
 from workers.editing.hparams import EditHParams
 from workers.editing.results import BatchResult
@@ -238,6 +239,42 @@ class EditWorker:
             version=job.version, parent=job.parent, edit_ids=result.edit_ids, deltas=result.deltas,
             aux=result.aux, checksums=checksums, v_nll=result.v_nll, seconds=seconds,
             metrics=metrics, missed_edit_ids=missed, reference=reference,
+        )
+
+    def compact(self, job: CompactJob) -> EditResult:
+        """Re-solve every live edit of ``job.parent``'s lineage jointly on the base weights (``compaction.py``), through
+        the same health budget as a batch; the worker is then at ``job.version`` (uncommitted, like ``edit``).
+        Raises ``CompactionRefused`` or ``GuardRejection`` (health budget) with the worker unchanged."""
+        self._require_version(job.parent)
+        start = time.perf_counter()
+        live = live_edits(self.store, job.parent)
+        subjects = self.edited_subjects | {r.subject for r in live.requests}
+        readings: list[GeneralHealth] = []
+        gate = self.health
+
+        def accept(model) -> None:
+            readings.append(gate.check(model, subjects))
+
+        done = compact(self.editor, live, accept if gate is not None else None, max_lost=job.max_lost)
+        self.version = job.version
+        self.edited_subjects = subjects
+        result = done.result
+        checksums = self.editor.checksums()
+        seconds = dict(result.seconds)
+        metrics = self.collapse_metrics(result, [], job.version, readings[0].ppl if readings else None)
+        if readings:
+            metrics |= health_metrics(readings[0])
+        metrics |= {
+            "compaction_edits": float(len(live)), "compaction_efficacy_before": done.efficacy(after=False),
+            "compaction_efficacy_after": done.efficacy(after=True), "compaction_lost_edits": float(len(done.lost)),
+        }
+        reference = self.compute_reference(job.version)
+        seconds["leader_total"] = time.perf_counter() - start
+        log.info("worker %d: compacted %d live edits into version %d in %.1f s (efficacy %.3f -> %.3f)", self.index,
+                 len(live), job.version, seconds["leader_total"], done.efficacy(after=False), done.efficacy())
+        return EditResult(
+            version=job.version, parent=job.parent, edit_ids=[], deltas=result.deltas, aux=result.aux,
+            checksums=checksums, v_nll=[], seconds=seconds, metrics=metrics, reference=reference, kind="compaction",
         )
 
     def missed_edits(self, result: BatchResult, requests: list[EditRequest], seconds: dict[str, float]) -> list[str]:

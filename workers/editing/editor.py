@@ -27,11 +27,11 @@ from workers.editing.keys import KeyReader
 from workers.editing.layout import ModelLayout
 from workers.editing.memit import memit_update
 from workers.editing.prompts import key_rows, kl_rows, rewrite_rows
-from workers.editing.results import BatchResult, Solved, plus_settings
+from workers.editing.results import COMPACTED_AUX, BatchResult, Solved, plus_settings
 from workers.editing.state import EditorState
 from workers.editing.stats import Progress, SecondMomentCache
 from workers.editing.templates import generate_context_templates
-from workers.editing.ultraedit import keys_and_output_grads, layer_update
+from workers.editing.ultraedit_solve import solve_ultraedit
 from workers.editing.values import ValueResult, compute_target_values
 from workers.guards.policy import SpectralGuard, check_batch, edit_success
 from workers.guards.revive import Spectrum, load_spectrum, spectrum_cached
@@ -153,7 +153,7 @@ class Editor:
         self.prepare()
         return self._null[layer]
 
-    def _timed(self, seconds: dict[str, float], key: str, fn: Callable[[], object]) -> object:
+    def timed(self, seconds: dict[str, float], key: str, fn: Callable[[], object]) -> object:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
@@ -163,7 +163,7 @@ class Editor:
         seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
         return out
 
-    def _reader(self, requests: Sequence[EditRequest]) -> KeyReader:
+    def reader(self, requests: Sequence[EditRequest]) -> KeyReader:
         """Reads this batch's keys bottom to top, resuming each read where the previous one left off."""
         rows = key_rows(self.tokenizer, requests, self.state.templates)
         return KeyReader(
@@ -189,13 +189,13 @@ class Editor:
         if self.hparams.algo not in V_STAR_ALGOS:
             raise ValueError(f"{self.hparams.algo} computes no target values")
         seconds = {} if seconds is None else seconds
-        reader = self._reader(requests)
-        _, v_init = self._timed(seconds, "keys", lambda: reader.read(None, self.hparams.layers[-1]))
+        reader = self.reader(requests)
+        _, v_init = self.timed(seconds, "keys", lambda: reader.read(None, self.hparams.layers[-1]))
         return self._values(requests, v_init, seconds)
 
     def _values(self, requests: Sequence[EditRequest], v_init: torch.Tensor, seconds: dict[str, float]) -> ValueResult:
         tok, hp = self.tokenizer, self.hparams
-        values = self._timed(
+        values = self.timed(
             seconds, "values",
             lambda: compute_target_values(
                 self.model, self.layout, rewrite_rows(tok, requests, self.state.templates), kl_rows(tok, requests),
@@ -221,23 +221,23 @@ class Editor:
         hp = self.hparams
         try:
             if hp.algo in V_STAR_ALGOS:
-                reader = self._reader(requests)
+                reader = self.reader(requests)
                 # Keys of the first layer and the last layer's output before any update (= v_init of v*), one read.
-                first = self._timed(seconds, "keys", lambda: reader.read(hp.layers[0], hp.layers[-1]))
+                first = self.timed(seconds, "keys", lambda: reader.read(hp.layers[0], hp.layers[-1]))
                 if values is None:
                     values = self._values(requests, first[1], seconds)
                 if values.targets.shape[0] != len(requests):
                     raise ValueError(f"{values.targets.shape[0]} targets for {len(requests)} edits")
-                solved = self._solve_layers(requests, values.targets.to(self.device), seconds, reader, first)
+                solved = self.solve_layers(requests, values.targets.to(self.device), seconds, reader, first)
             else:
-                solved = self._solve_ultraedit(requests, seconds)
+                solved = solve_ultraedit(self, requests, seconds)
             if self.guard is not None:
-                scores = self._timed(seconds, "guard", lambda: edit_success(self.model, self.tokenizer, requests))
+                scores = self.timed(seconds, "guard", lambda: edit_success(self.model, self.tokenizer, requests))
                 solved.efficacy = float(scores.mean())
                 solved.per_edit_success = scores.tolist()
                 check_batch(scores, hp, solved.ids, solved.filtered_energy)
             if accept is not None:
-                self._timed(seconds, "accept", lambda: accept(self.model))
+                self.timed(seconds, "accept", lambda: accept(self.model))
         except BaseException:
             self.reset_weights()
             raise
@@ -254,31 +254,10 @@ class Editor:
             solved.filtered_energy, solved.efficacy, solved.per_edit_success, solved.diagnostics, solved.moments,
         )
 
-    def _solve_ultraedit(self, requests: Sequence[EditRequest], seconds: dict[str, float]) -> Solved:
-        """UltraEdit: keys and output gradients of every edited layer in one pass on the unedited batch, the
-        lifelong normaliser updated, then each layer's ridge fit written (guarded)."""
-        hp, layout, model = self.hparams, self.layout, self.model
-        dtype = getattr(torch, hp.solve_dtype)
-        templates = self.state.templates if hp.ultra_templates else ["{}"]
-        rows = rewrite_rows(self.tokenizer, requests, templates)
-        read = self._timed(seconds, "keys", lambda: keys_and_output_grads(
-            model, layout, rows, hp.layers, self.tokenizer.pad_token_id, hp.v_max_batch_tokens))
-        out = Solved(ids=[r.edit_id or r.content_key() for r in requests])
-        for layer in hp.layers:
-            start = time.perf_counter()
-            keys, grads = read[layer]
-            left, right, out.moments[layer] = layer_update(
-                keys.cpu(), grads.cpu(), self.state.moments.get(layer), hp.ultra_lr, hp.ultra_ridge, dtype
-            )
-            delta = self._guarded(layer, left.to(self.device), right.to(self.device), out)
-            layout.set_weight(model, layer, delta.apply(self.state.weights[layer]))
-            seconds["solve"] = seconds.get("solve", 0.0) + time.perf_counter() - start
-            out.deltas.append(delta)
-        return out
-
-    def _solve_layers(
+    def solve_layers(
         self, requests: Sequence[EditRequest], targets: torch.Tensor, seconds: dict[str, float], reader: KeyReader,
-        first: tuple[torch.Tensor | None, torch.Tensor | None],
+        first: tuple[torch.Tensor | None, torch.Tensor | None], basis: dict[int, torch.Tensor] | None = None,
+        prev_cov: dict[int, torch.Tensor] | None = None,
     ) -> Solved:
         """Bottom to top: keys on the partially edited model, residual spread over the remaining layers, solve,
         guard. Raises ``GuardRejection`` (model partly written: the caller restores it) when the guard refuses.
@@ -288,12 +267,17 @@ class Editor:
 
         Each layer's update is written in the shared delta format and applied exactly as every replica and a
         rebuild from the store will apply it, so the live matrices equal the stored ones bit for bit.
+
+        ``basis`` (the matrices the update is solved on; default the current ones) and ``prev_cov`` (the keys to
+        preserve; default the accumulated C_prev) let compaction solve all live edits jointly on the base weights.
         """
         hp, layout, model = self.hparams, self.layout, self.model
+        basis = self.state.weights if basis is None else basis
+        prev_cov = self.state.prev_keys_cov if prev_cov is None else prev_cov
         dtype = getattr(torch, hp.solve_dtype)
         out = Solved(ids=[r.edit_id or r.content_key() for r in requests])
         for i, layer in enumerate(hp.layers):
-            keys, cur = first if i == 0 else self._timed(
+            keys, cur = first if i == 0 else self.timed(
                 seconds, "keys", lambda layer=layer: reader.read(layer, hp.layers[-1])
             )
             assert keys is not None and cur is not None
@@ -301,21 +285,21 @@ class Editor:
             gap = targets - cur  # (n, d_out): v1 - v0 at the last edited layer
             residual = gap.T / (len(hp.layers) - i)  # (d_out, n)
             start = time.perf_counter()
-            left, right = self._update(requests, layer, i, residual, keys.T, gap.norm(dim=1), out, dtype)
-            delta = self._guarded(layer, left, right, out)
-            layout.set_weight(model, layer, delta.apply(self.state.weights[layer]))
+            prev = prev_cov.get(layer)
+            prev = prev.to(self.device, dtype) if prev is not None else None
+            left, right = self._update(requests, layer, i, residual, keys.T, gap.norm(dim=1), out, dtype, prev)
+            delta = self.guarded(layer, left, right, out, basis[layer])
+            layout.set_weight(model, layer, delta.apply(basis[layer]))
             seconds["solve"] = seconds.get("solve", 0.0) + time.perf_counter() - start
             out.deltas.append(delta)
         return out
 
     def _update(
         self, requests: Sequence[EditRequest], layer: int, index: int, residual: torch.Tensor, keys: torch.Tensor,
-        gap_norms: torch.Tensor, out: Solved, dtype: torch.dtype,
+        gap_norms: torch.Tensor, out: Solved, dtype: torch.dtype, prev: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The algorithm's (left, right) factors for one layer: Delta = left @ right^T."""
+        """The algorithm's (left, right) factors for one layer: Delta = left @ right^T (``prev``: C_prev)."""
         hp = self.hparams
-        prev = self.state.prev_keys_cov.get(layer)
-        prev = prev.to(self.device, dtype) if prev is not None else None
         if hp.algo == "memit":
             return memit_update(residual, keys, self._mom2[layer], hp.mom2_update_weight, prev, dtype)
         null = self._null[layer]
@@ -336,12 +320,17 @@ class Editor:
         out.diagnostics[f"aplus_objective_gain.{layer}"] = info.objective_gain
         return left, right
 
-    def _guarded(self, layer: int, left: torch.Tensor, right: torch.Tensor, out: Solved | None = None) -> MatrixDelta:
-        """The stored delta for update ``left @ right^T``, after the guard when one is configured."""
+    def guarded(
+        self, layer: int, left: torch.Tensor, right: torch.Tensor, out: Solved | None = None,
+        current: torch.Tensor | None = None,
+    ) -> MatrixDelta:
+        """The stored delta for update ``left @ right^T`` of ``current`` (default: the layer's matrix now), after
+        the guard when one is configured."""
         name, transposed = self.layout.weight_name(layer), self.layout.is_transposed(self.model, layer)
         if self.guard is None:
             return MatrixDelta.from_factors(name, left, right, transposed=transposed)
-        guarded = self.guard.apply(layer, left, right, self.state.weights[layer], name, transposed)
+        current = self.state.weights[layer] if current is None else current
+        guarded = self.guard.apply(layer, left, right, current, name, transposed)
         if out is not None:
             out.filtered_energy[layer] = guarded.filtered_energy
             out.diagnostics[f"pruned.{layer}"] = float(guarded.pruned)
@@ -351,7 +340,7 @@ class Editor:
 
     def _score(self, requests: Sequence[EditRequest], layer: int, left: torch.Tensor, right: torch.Tensor) -> float:
         """Batch efficacy with a candidate update written (guarded) into ``layer``; the layer is restored after."""
-        candidate = self._guarded(layer, left, right)
+        candidate = self.guarded(layer, left, right)
         self.layout.set_weight(self.model, layer, candidate.apply(self.state.weights[layer]))
         try:
             return float(edit_success(self.model, self.tokenizer, requests).mean())
@@ -388,10 +377,13 @@ class Editor:
             layer = by_name[delta.name]
             self.state.weights[layer] = delta.apply(self.state.weights[layer])
             self.layout.set_weight(self.model, layer, self.state.weights[layer])
+        if COMPACTED_AUX in aux:  # the version re-solved all live edits: their keys replace C_prev
+            self.state.prev_keys_cov.clear()
+            self.state.prev_keys.clear()
         parts: dict[str, dict[int, torch.Tensor]] = {"keys": {}, "moments": {}}
         for key, tensor in aux.items():
             kind, _, layer = key.partition(".")
-            if kind in parts:
+            if kind in parts and layer:
                 parts[kind][int(layer)] = tensor
         self.accumulate_keys(parts["keys"])
         self.state.moments.update(parts["moments"])

@@ -93,6 +93,9 @@ class EditHParams:
     guard: str = "none"
     revive_energy: float = 0.5
     revive_rank: int | None = None
+    # "random": a control, not a guard: protect a random orthonormal subspace of the same rank instead of the
+    # dominant one (does the dominant subspace matter, or is REVIVE only a dial on the update size?).
+    revive_subspace: str = "dominant"
     prune: bool = False
     prune_alpha: float = 2.718281828459045
     # A guarded batch whose post-guard efficacy on its own prompts is below this is rejected (collapse_risk). Batch
@@ -126,6 +129,8 @@ class EditHParams:
             raise ValueError("revive_energy must be in (0, 1)")
         if self.revive_rank is not None and self.revive_rank < 0:
             raise ValueError("revive_rank must be >= 0")
+        if self.revive_subspace not in ("dominant", "random"):
+            raise ValueError("revive_subspace must be dominant or random")
         if self.prune_alpha <= 1.0:
             raise ValueError("prune_alpha (the log base) must be > 1")
         if not 0.0 <= self.guard_min_efficacy <= 1.0:

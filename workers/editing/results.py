@@ -10,6 +10,9 @@ from shared.delta import MatrixDelta
 from workers.editing.alphaedit_plus import PlusSettings
 from workers.editing.hparams import EditHParams
 
+TARGETS_AUX = "targets"
+COMPACTED_AUX = "compacted"
+
 
 @dataclass
 class BatchResult:
@@ -26,15 +29,22 @@ class BatchResult:
     per_edit_success: list[float] | None = None  # 1.0 per edit that takes on its own prompt (when the guard checked)
     diagnostics: dict[str, float] = field(default_factory=dict)  # algorithm details, e.g. AlphaEdit+ choices
     moments: dict[int, torch.Tensor] = field(default_factory=dict)  # UltraEdit's normaliser after this batch
+    compacted: bool = False  # a compaction: ``edited_keys`` are all live edits' keys and replace C_prev
 
     @property
     def aux(self) -> dict[str, torch.Tensor]:
         """Editor state that travels with the version (the store's aux tensors), so a worker that follows or
         rebuilds the version from the store can keep editing exactly as the leader would: the edited keys
-        (AlphaEdit's C_prev) and UltraEdit's lifelong normaliser."""
-        return {f"keys.{layer}": k for layer, k in self.edited_keys.items()} | {
+        (AlphaEdit's C_prev), UltraEdit's lifelong normaliser, the edits' v* (``targets``, rows in ``edit_ids``
+        order: compaction re-solves them later) and the compaction marker."""
+        out = {f"keys.{layer}": k for layer, k in self.edited_keys.items()} | {
             f"moments.{layer}": m for layer, m in self.moments.items()
         }
+        if self.targets.numel():
+            out[TARGETS_AUX] = self.targets.detach().float().cpu().contiguous()
+        if self.compacted:
+            out[COMPACTED_AUX] = torch.ones(1)
+        return out
 
 
 @dataclass

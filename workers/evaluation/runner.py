@@ -3,6 +3,11 @@
 Records are edited in order, batch after batch, without restoring the model: the final model is evaluated on every
 record, so early edits must survive later ones (AlphaEdit's sequential protocol). The ``general`` block adds the
 general-ability measures of ``workers.evaluation.general`` (full budget) before and after editing.
+
+By default the deployment's policy applies, as in the pipeline: the guard settings, and the health budget
+(``EDITQ_HEALTH_*``), whose refused batches go to the retrieval tier. Every edit is then scored the way it would be
+served (its weights, or the tier with retrieval over all tier-held edits), and the JSON reports ``weights_share`` and
+``tier_share`` with the split metrics beside the combined ones. ``policy=False`` evaluates the bare editor.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class EvalConfig:
     model_path: Path | None = None
     state_out: Path | None = None
     general: bool = True
+    policy: bool = True  # the deployment's guards and health budget, refused batches served by the tier
 
 
 
@@ -112,6 +118,8 @@ def run_evaluation(cfg: EvalConfig, settings: Settings, progress: Progress | Non
     model_path = cfg.model_path or settings.resolved_model_path()
     model, tokenizer = load_model(model_path, device=settings.device)
     hp = resolve_hparams(model.config, cfg.algo, cfg.hparams, settings)
+    if cfg.policy:
+        hp = hp.with_overrides(**settings.guard_overrides())
     fingerprint = model_fingerprint(Path(model_path))
     corpus = StatsCorpus(
         path=cfg.stats_corpus, n_texts=hp.stats_texts, text_tokens=hp.stats_text_tokens, seed=hp.seed
@@ -125,6 +133,10 @@ def run_evaluation(cfg: EvalConfig, settings: Settings, progress: Progress | Non
         GeneralPre.measure(model, tokenizer, settings, fingerprint, Path(model_path), {r.subject for r in requests})
         if cfg.general else None
     )
+    from workers.evaluation.policy import ServingPolicy  # imports collapse.py, which imports this module
+
+    policy = ServingPolicy.from_settings(model, tokenizer, settings, fingerprint, Path(model_path)) if cfg.policy \
+        else None
     start = time.perf_counter()
     editor = Editor(model, tokenizer, hp, stats, fingerprint, progress=progress)
     editor.prepare()
@@ -135,13 +147,14 @@ def run_evaluation(cfg: EvalConfig, settings: Settings, progress: Progress | Non
     for begin in range(0, len(requests), cfg.batch_size):
         batch = requests[begin : begin + cfg.batch_size]
         t0 = time.perf_counter()
-        result = editor.apply(batch)
+        result = editor.apply(batch) if policy is None else policy.apply(editor, batch)
         edit_seconds += time.perf_counter() - t0
-        for key, value in result.seconds.items():
+        for key, value in (result.seconds if result is not None else {}).items():
             split[key] = split.get(key, 0.0) + value
         if progress:
             progress("editing", begin + len(batch), len(requests))
-    post = edit_metrics(model, tokenizer, requests, zsre)
+    served = policy.served(model, tokenizer, requests, zsre) if policy is not None else None
+    post = edit_metrics(model, tokenizer, requests, zsre) if served is None else served.metrics
     ppl_post = perplexity(model, tokenizer, texts)
     general_out = general.report(model, tokenizer, ppl_pre, ppl_post) if general is not None else None
     if cfg.state_out is not None:
@@ -149,6 +162,7 @@ def run_evaluation(cfg: EvalConfig, settings: Settings, progress: Progress | Non
     n = len(requests)
     return {
         **post.as_dict(),
+        **(served.as_dict() if served is not None else {"policy": None}),
         "pre": pre.as_dict(),
         "seconds_per_edit": edit_seconds / n,
         "perplexity_pre": ppl_pre,

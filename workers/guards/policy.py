@@ -114,7 +114,8 @@ class SpectralGuard:
         self.base_norms = {layer: float(torch.linalg.norm(w.double())) for layer, w in self.base.items()}
         if hparams.guard == "revive":
             for layer, spectrum in spectra.items():
-                u_k, v_k = protected_bases(spectrum, hparams.revive_energy, hparams.revive_rank)
+                u_k, v_k = protected_bases(spectrum, hparams.revive_energy, hparams.revive_rank,
+                                           hparams.revive_subspace, seed=hparams.seed + layer)
                 self.bases[layer] = (u_k.to(self.device), v_k.to(self.device))
 
     @staticmethod

@@ -82,9 +82,18 @@ def revive_filter(left: torch.Tensor, right: torch.Tensor, u_k: torch.Tensor, v_
     return FilterResult(safe_left, safe_right, filtered)
 
 
-def protected_bases(spectrum: Spectrum, energy: float | None, rank: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def protected_bases(
+    spectrum: Spectrum, energy: float | None, rank: int | None, subspace: str = "dominant", seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal bases of the protected output / input subspaces: the top-k singular vectors, or (``random``,
+    the control) random orthonormal k-dimensional subspaces of the same sizes, deterministic in ``seed``."""
     k = spectrum.rank_for(energy, rank)
-    return spectrum.u[:, :k], spectrum.v[:, :k]
+    if subspace == "dominant":
+        return spectrum.u[:, :k], spectrum.v[:, :k]
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(spectrum.u.shape[0], k, generator=gen, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(spectrum.v.shape[0], k, generator=gen, dtype=torch.float64))[0]
+    return u, v
 
 
 def spectrum_cached(weight: torch.Tensor, cache_dir: Path | None, sha256: str | None = None) -> Spectrum:

@@ -23,13 +23,29 @@ from workers.editing.tokens import chunks_by_tokens, target_token_ids
 from workers.evaluation.scoring import span_logprobs
 from workers.retrieval.encoder import SentenceEncoder
 from workers.retrieval.index import KnowledgeIndex
-from workers.retrieval.injection import embed_prompted
+from workers.retrieval.injection import embed_prompted, text_prefix_ids
 from workers.retrieval.modules import RecipeModel
 
 
 def statement(edit: EditRequest) -> str:
     """The knowledge statement RECIPE stores for an edit: the prompt followed by the new target."""
     return f"{edit.text} {edit.target_new.strip()}"
+
+
+def injected_prefixes(
+    injection: str, embedding: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, statements: Sequence[str],
+    continuous: torch.Tensor,
+) -> list[torch.Tensor]:
+    """What goes in front of a query that retrieved each entry, as input embeddings: RECIPE's continuous prompt,
+    the statement as text (in-context editing), or both (continuous prompt, then the text)."""
+    if injection == "prompt":
+        return list(continuous)
+    out = []
+    for text, prompt in zip(statements, continuous, strict=True):
+        ids = torch.tensor(text_prefix_ids(tokenizer, text), dtype=torch.long, device=embedding.weight.device)
+        embeds = embedding(ids).float()
+        out.append(embeds if injection == "text" else torch.cat([prompt.to(embeds), embeds], 0))
+    return out
 
 
 @dataclass
@@ -49,7 +65,13 @@ class TierMetrics:
     oracle_generality: float | None = None
 
     def as_dict(self) -> dict[str, float | int | None]:
-        return asdict(self)
+        """The metrics plus the names ``editq retrieval eval --json`` promises: ``n``, ``retrieval_accuracy`` (own
+        edit retrieved, edit and paraphrase prompts alike) and ``sentinel_rejects`` (neighbours left untouched)."""
+        return asdict(self) | {
+            "n": self.n_edits,
+            "retrieval_accuracy": (self.rel_hit + self.gen_hit) / 2,
+            "sentinel_rejects": self.loc_reject,
+        }
 
 
 Item = tuple[str, str, str | None]  # (prompt text, candidate, prompt id or None)
@@ -109,15 +131,19 @@ def evaluate_tier(
     tokenizer: PreTrainedTokenizerBase,
     requests: Sequence[EditRequest],
     diagnostics: bool = True,
+    injection: str = "prompt",
 ) -> TierMetrics:
-    """Store all ``requests`` in an in-memory tier, query it with every edit / paraphrase / neighbourhood prompt."""
+    """Store all ``requests`` in an in-memory tier, query it with every edit / paraphrase / neighbourhood prompt;
+    ``injection`` is what a hit puts in front of the query (``prompt``, ``text`` or ``hybrid``)."""
     recipe.eval()
     for r in requests:
         if r.target_true is None:
             raise ValueError(f"edit {r.edit_id}: the held-out check needs target_true")
     index = KnowledgeIndex(recipe.search_keys(recipe.sentinel_key(encoder)), recipe.scale, recipe.sentinel_offset)
     keys = recipe.knowledge_keys(encoder.features([statement(r) for r in requests]))
-    own_prompts = recipe.prompts(keys)
+    own_prompts = injected_prefixes(
+        injection, model.get_input_embeddings(), tokenizer, [statement(r) for r in requests], recipe.prompts(keys)
+    )
     prompts: dict[str, torch.Tensor] = {}
     for r, key, prompt in zip(requests, keys, own_prompts, strict=True):
         index.add(str(r.edit_id), recipe.search_keys(key), prompt)

@@ -20,6 +20,7 @@ class RetrievalHit:
     score: float
     sentinel_score: float
     prompt: torch.Tensor
+    statement: str = ""  # the edit as text ("prompt target_new"): text and hybrid injection put it in front
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class KnowledgeIndex:
         self._ids: list[str] = []
         self._row: dict[str, int] = {}
         self._prompts: dict[str, torch.Tensor] = {}
+        self._statements: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -68,8 +70,11 @@ class KnowledgeIndex:
     def prompt(self, edit_id: str) -> torch.Tensor:
         return self._prompts[edit_id]
 
-    def add(self, edit_id: str, key: torch.Tensor, prompt: torch.Tensor) -> None:
-        """Insert or replace (same id: the newer key and prompt win)."""
+    def statement(self, edit_id: str) -> str:
+        return self._statements.get(edit_id, "")
+
+    def add(self, edit_id: str, key: torch.Tensor, prompt: torch.Tensor, statement: str = "") -> None:
+        """Insert or replace (same id: the newer key, prompt and statement win)."""
         key = key.detach().float().cpu().flatten()
         if key.numel() != self.rep_dim:
             raise ValueError(f"key has {key.numel()} dims, index holds {self.rep_dim}")
@@ -84,6 +89,7 @@ class KnowledgeIndex:
             self._row[edit_id] = row
         self._keys[row] = key
         self._prompts[edit_id] = prompt.detach().float().cpu()
+        self._statements[edit_id] = statement
 
     def remove(self, edit_id: str) -> bool:
         """Drop an entry (the last row moves into its place); False if it was not there."""
@@ -99,12 +105,14 @@ class KnowledgeIndex:
         self._ids.pop()
         self._keys[last] = 0
         del self._prompts[edit_id]
+        self._statements.pop(edit_id, None)
         return True
 
     def clear(self) -> None:
         self._ids.clear()
         self._row.clear()
         self._prompts.clear()
+        self._statements.clear()
         self._keys.zero_()
 
     @torch.no_grad()
@@ -120,9 +128,29 @@ class KnowledgeIndex:
             SearchResult(self._ids[r], b, s) for r, b, s in zip(rows.tolist(), best.tolist(), sentinel, strict=True)
         ]
 
+    @torch.no_grad()
+    def lookup_all(self, query: torch.Tensor, k: int) -> list[RetrievalHit]:
+        """Up to ``k`` entries that beat the sentinel for one query, best first (several edits one query needs,
+        e.g. two facts about one subject)."""
+        q = query.detach().float().cpu().reshape(1, self.rep_dim)
+        sentinel = float(q[0] @ self.sentinel_key * self.scale + self.sentinel_offset)
+        if not self._ids or k < 1:
+            return []
+        top = (q @ self.keys.T * self.scale)[0].topk(min(k, len(self._ids)))
+        hits = []
+        for score, row in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            if score > sentinel:
+                edit_id = self._ids[row]
+                hits.append(RetrievalHit(edit_id, score, sentinel, self._prompts[edit_id],
+                                         self._statements.get(edit_id, "")))
+        return hits
+
     def lookup(self, query: torch.Tensor) -> RetrievalHit | None:
         """The hit for one query key, or None when nothing beats the sentinel."""
         result = self.search(query)[0]
         if not result.accepted or result.edit_id is None:
             return None
-        return RetrievalHit(result.edit_id, result.score, result.sentinel_score, self._prompts[result.edit_id])
+        edit_id = result.edit_id
+        return RetrievalHit(
+            edit_id, result.score, result.sentinel_score, self._prompts[edit_id], self._statements.get(edit_id, "")
+        )

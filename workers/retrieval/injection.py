@@ -13,6 +13,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+TEXT_INJECTION_TEMPLATE = "{statement}. {statement}.\n"  # chosen by benchmarks/retrieval_injection.py
+
+
+def text_prefix_ids(tokenizer, statement: str) -> list[int]:
+    """Token ids of a retrieved statement as plain text in front of the query (in-context editing).
+
+    Tokenised on its own, without special tokens, so ``prefix + query ids`` is exactly what the query alone would
+    be with the statement line in front; the line break keeps the statement a separate sentence.
+    """
+    return list(tokenizer(TEXT_INJECTION_TEMPLATE.format(statement=statement), add_special_tokens=False)["input_ids"])
+
 
 @dataclass
 class PromptedBatch:

@@ -56,6 +56,16 @@ def _stream_id(raw: bytes | str) -> tuple[int, int]:
     return int(ms), int(seq)
 
 
+def _statement(entry: bytes | None) -> str:
+    """The statement of a stored entry (its JSON), or "" when the entry is gone or unreadable."""
+    if entry is None:
+        return ""
+    try:
+        return str(json.loads(entry).get("statement", ""))
+    except (ValueError, AttributeError):
+        return ""
+
+
 def _to_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.detach().float().cpu().contiguous().numpy().tobytes()
 
@@ -115,9 +125,10 @@ class KnowledgeRepository:
         self.index.clear()
         keys = dict(self.redis.hscan_iter(self._k["keys"], count=1000))
         prompts = self.redis.hmget(self._k["prompts"], list(keys)) if keys else []
-        for (edit_id, key), prompt in zip(keys.items(), prompts, strict=True):
+        entries = self.redis.hmget(self._k["entries"], list(keys)) if keys else []
+        for (edit_id, key), prompt, entry in zip(keys.items(), prompts, entries, strict=True):
             if prompt is not None:
-                self.index.add(edit_id.decode(), *self._decode(key, prompt))
+                self.index.add(edit_id.decode(), *self._decode(key, prompt), _statement(entry))
         self._last_id = _stream_id(last[0][0]) if last else (0, 0)
         self._last_refresh = time.monotonic()
 
@@ -140,16 +151,17 @@ class KnowledgeRepository:
         pipe = self.redis.pipeline(transaction=False)
         pipe.hmget(self._k["keys"], added)
         pipe.hmget(self._k["prompts"], added)
-        keys, prompts = pipe.execute() if added else ([], [])
-        current = {eid: (k, p) for eid, k, p in zip(added, keys, prompts, strict=True)}
+        pipe.hmget(self._k["entries"], added)
+        keys, prompts, entries = pipe.execute() if added else ([], [], [])
+        current = {eid: (k, p, e) for eid, k, p, e in zip(added, keys, prompts, entries, strict=True)}
         for _, fields in changes:
             edit_id = fields[b"edit_id"]
             if fields[b"op"] == b"retire":
                 self.index.remove(edit_id.decode())
             else:
-                k, p = current[edit_id]
+                k, p, e = current[edit_id]
                 if k is not None and p is not None:  # None: retired again later in this same batch
-                    self.index.add(edit_id.decode(), *self._decode(k, p))
+                    self.index.add(edit_id.decode(), *self._decode(k, p), _statement(e))
         self._last_id = _stream_id(changes[-1][0])
         return len(changes)
 
@@ -207,6 +219,11 @@ class KnowledgeRepository:
         if refresh:
             self._maybe_refresh()
         return self.index.lookup(query)
+
+    def lookup_all(self, query: torch.Tensor, k: int, refresh: bool = True) -> list[RetrievalHit]:
+        if refresh:
+            self._maybe_refresh()
+        return self.index.lookup_all(query, k)
 
     def drop(self) -> None:
         """Delete everything under this prefix (tests, or resetting a tier)."""

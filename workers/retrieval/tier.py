@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,7 +43,11 @@ def checkpoint_id(path: Path | str) -> str:
 
 
 class RetrievalTier:
-    """Encoder + RECIPE heads + a knowledge store. Not thread-safe; one per router process."""
+    """Encoder + RECIPE heads + a knowledge store; one per replica process, safe to use from many threads.
+
+    A replica answers each request in a worker thread (``asyncio.to_thread``), and a lookup can replay the Redis
+    change log (rows move when an entry is retired), so every store access holds one lock; encoding a query (the
+    expensive part) runs outside it."""
 
     def __init__(
         self,
@@ -55,6 +60,7 @@ class RetrievalTier:
         self.recipe = recipe.eval()
         self.encoder = encoder
         self.checkpoint_id = ckpt_id
+        self._lock = threading.RLock()
         with torch.no_grad():
             sentinel = recipe.search_keys(recipe.sentinel_key(encoder))
         shape = (recipe.config.prompt_tokens, recipe.config.llm_hidden)
@@ -110,7 +116,8 @@ class RetrievalTier:
         return cls.load(path, redis_url=settings.redis_url, prefix=settings.retrieval_prefix(), settings=settings)
 
     def __len__(self) -> int:
-        return len(self.store)
+        with self._lock:
+            return len(self.store)
 
     @torch.no_grad()
     def encode_edits(self, edits: Sequence[EditRequest]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,16 +132,18 @@ class RetrievalTier:
         if not edits:
             return
         keys, prompts = self.encode_edits(edits)
-        for edit, key, prompt in zip(edits, keys, prompts, strict=True):
-            if isinstance(self.store, KnowledgeIndex):
-                self.store.add(str(edit.edit_id), key, prompt)
-            else:
-                self.store.add(edit, statement(edit), key, prompt)
+        with self._lock:
+            for edit, key, prompt in zip(edits, keys, prompts, strict=True):
+                if isinstance(self.store, KnowledgeIndex):
+                    self.store.add(str(edit.edit_id), key, prompt, statement(edit))
+                else:
+                    self.store.add(edit, statement(edit), key, prompt)
 
     def retire(self, edit_id: str) -> bool:
-        if isinstance(self.store, KnowledgeIndex):
-            return self.store.remove(edit_id)
-        return self.store.retire(edit_id)
+        with self._lock:
+            if isinstance(self.store, KnowledgeIndex):
+                return self.store.remove(edit_id)
+            return self.store.retire(edit_id)
 
     def _query_keys(self, texts: Sequence[str]) -> torch.Tensor:
         return self.recipe.search_keys(self.recipe.query_keys(self.encoder.features(list(texts))))
@@ -142,12 +151,23 @@ class RetrievalTier:
     @torch.no_grad()
     def search(self, query_texts: Sequence[str]) -> list[SearchResult]:
         """Top-1 candidate and sentinel score per query (for metrics: hits vs sentinel rejections)."""
-        return self.store.search(self._query_keys(query_texts))
+        keys = self._query_keys(query_texts)
+        with self._lock:
+            return self.store.search(keys)
 
     @torch.no_grad()
     def lookup(self, query_text: str) -> RetrievalHit | None:
         """The retrieved edit for a query, or None when the sentinel rejects every stored item."""
-        return self.store.lookup(self._query_keys([query_text])[0])
+        key = self._query_keys([query_text])[0]
+        with self._lock:
+            return self.store.lookup(key)
+
+    @torch.no_grad()
+    def lookup_all(self, query_text: str, k: int) -> list[RetrievalHit]:
+        """Up to ``k`` retrieved edits above the sentinel for a query, best first."""
+        key = self._query_keys([query_text])[0]
+        with self._lock:
+            return self.store.lookup_all(key, k)
 
     def prompt_embeds(
         self, embedding_layer: nn.Module, query_ids: torch.Tensor | Sequence[int], hit: RetrievalHit | None

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from shared.settings import Settings
+from workers.retrieval.injection import text_prefix_ids
 from workers.retrieval.tier import RetrievalTier
 from workers.serving.schemas import ChatMessage, RetrievedEdit
 
@@ -56,26 +57,42 @@ def query_text(prompt: str | None, messages: list[ChatMessage] | None) -> str:
 
 
 class QueryRetrieval:
-    def __init__(self, tier: RetrievalTier, embedding: nn.Module, tokenizer: Any) -> None:
+    def __init__(
+        self, tier: RetrievalTier, embedding: nn.Module, tokenizer: Any, injection: str = "prompt", top_k: int = 1
+    ) -> None:
         self.tier = tier
         self.embedding = embedding
         self.tokenizer = tokenizer
+        self.injection = injection  # what a hit puts in front: RECIPE's prompt, the statement as text, or both
+        self.top_k = top_k  # text / hybrid: statements of up to this many edits above the sentinel
 
     @classmethod
     def load(cls, settings: Settings, tokenizer: Any) -> QueryRetrieval | None:
         tier = RetrievalTier.for_model(settings)
         if tier is None:
             return None
-        return cls(tier, load_input_embeddings(settings.resolved_model_path()), tokenizer)
+        return cls(tier, load_input_embeddings(settings.resolved_model_path()), tokenizer,
+                   settings.retrieval_injection, settings.retrieval_top_k)
 
     @torch.no_grad()
     def prepare(self, query: str, full_prompt: str) -> tuple[Any, RetrievedEdit | None]:
-        """vLLM input for ``full_prompt``: the text itself, or prompt embeddings with the retrieved edit's prompt."""
-        hit = self.tier.lookup(query) if query.strip() else None
+        """vLLM input for ``full_prompt``: the text itself on a miss; on a hit the edit in front of it, as RECIPE's
+        continuous prompt (prompt embeddings), as its statement in plain text (token ids), or both (embeddings)."""
+        if not query.strip():
+            return full_prompt, None
+        texts = self.injection != "prompt"
+        hits = self.tier.lookup_all(query, self.top_k) if texts and self.top_k > 1 else []
+        hit = hits[0] if hits else self.tier.lookup(query)
         if hit is None:
             return full_prompt, None
-        ids = self.tokenizer(full_prompt)["input_ids"]
+        hits = hits or [hit]
+        ids = list(self.tokenizer(full_prompt)["input_ids"])
+        if texts and hit.statement:
+            for other in hits:  # prepended best first, so the best hit ends up next to the query
+                ids = text_prefix_ids(self.tokenizer, other.statement) + ids
+        used = RetrievedEdit(edit_id=hit.edit_id, score=float(hit.score), sentinel_score=float(hit.sentinel_score),
+                             also=[h.edit_id for h in hits[1:]] if texts and hit.statement else [])
+        if self.injection == "text" and hit.statement:
+            return {"prompt_token_ids": ids}, used
         embeds = self.tier.prompt_embeds(self.embedding, ids, hit).float().contiguous()
-        return {"prompt_embeds": embeds}, RetrievedEdit(
-            edit_id=hit.edit_id, score=float(hit.score), sentinel_score=float(hit.sentinel_score)
-        )
+        return {"prompt_embeds": embeds}, used

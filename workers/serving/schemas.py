@@ -58,11 +58,13 @@ class GenerateRequest(BaseModel):
 
 
 class RetrievedEdit(BaseModel):
-    """The retrieval-tier entry whose continuous prompt was in front of this request (RECIPE)."""
+    """The retrieval-tier entry put in front of this request (RECIPE): the best hit, plus any further edits above
+    the sentinel whose statements went in too (``EDITQ_RETRIEVAL_TOP_K`` > 1, text or hybrid injection)."""
 
     edit_id: str
     score: float
     sentinel_score: float
+    also: list[str] = Field(default_factory=list, description="Further edits whose statements were put in front.")
 
 
 class GenerateResult(BaseModel):
