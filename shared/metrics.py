@@ -92,6 +92,8 @@ SPECS: dict[str, MetricSpec] = {
         MetricSpec("editq_fluency_entropy", Kind.gauge, "Weighted bi/tri-gram entropy of greedy generations (bits)."),
         # retrieval tier
         MetricSpec("editq_retrieval_entries", Kind.gauge, "Edits held in the retrieval tier."),
+        MetricSpec("editq_retrieval_stale_seconds", Kind.gauge, "How long this replica's retrieval tier has "
+                   "answered from its in-memory copy because Redis did not answer (0: in sync)."),
         MetricSpec("editq_retrieval_lookups", Kind.counter, "Retrieval lookups by result.", ("result",)),
         MetricSpec("editq_retrieval_latency_seconds", Kind.histogram, "Query-side retrieval time.",
                    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)),

@@ -6,6 +6,11 @@ Layout under ``prefix`` (one repository per prefix, shared by every router):
 * ``{prefix}:keys`` / ``{prefix}:prompts`` hashes edit_id -> raw float32 bytes (key [r], prompt [p, hidden])
 * ``{prefix}:log`` stream of ``op=add|retire, edit_id``: routers replay it to stay in sync without reloading
 * ``{prefix}:meta`` hash: the checkpoint id the keys were made with (keys of another checkpoint are meaningless)
+* ``{prefix}:sums`` hash edit_id -> sha256 of key + prompt bytes: an entry is validated (checksum, size, finite
+  values) before it can be put in front of a query; a bad one is skipped and logged, never served
+
+Reads survive a Redis outage: a failed change-log replay is logged once, counted (``stale_since``), and lookups keep
+answering from the last in-memory copy until Redis answers again.
 
 Writes go to Redis in one MULTI/EXEC (hashes + log entry); every instance, the writer included, applies changes
 by replaying the log, so all routers converge on the same set. A fresh instance loads the hashes after noting the
@@ -22,7 +27,9 @@ a hit instead of holding them all.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,6 +41,7 @@ import torch
 from shared.schemas import EditRequest
 from workers.retrieval.index import KnowledgeIndex, RetrievalHit, SearchResult
 
+log = logging.getLogger("editq.retrieval")
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_PREFIX = "editq:retrieval"
 
@@ -66,6 +74,10 @@ def _statement(entry: bytes | None) -> str:
         return ""
 
 
+def _checksum(key: bytes, prompt: bytes) -> str:
+    return hashlib.sha256(key + b"|" + prompt).hexdigest()[:32]
+
+
 def _to_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.detach().float().cpu().contiguous().numpy().tobytes()
 
@@ -92,7 +104,9 @@ class KnowledgeRepository:
         self.refresh_interval_s = refresh_interval_s
         self.log_maxlen = log_maxlen
         self.index = KnowledgeIndex(sentinel_key, scale, sentinel_offset)
-        self._k = {name: f"{prefix}:{name}" for name in ("entries", "keys", "prompts", "log", "meta")}
+        self._k = {name: f"{prefix}:{name}" for name in ("entries", "keys", "prompts", "log", "meta", "sums")}
+        self.stale_since: float | None = None  # monotonic time of the first failed refresh of an ongoing outage
+        self.rejected_entries = 0  # entries skipped by validation (checksum, size, non-finite values)
         self._claim_checkpoint(checkpoint_id)
         self._last_id: tuple[int, int] | None = None
         self._last_refresh = 0.0
@@ -114,21 +128,40 @@ class KnowledgeRepository:
     def __contains__(self, edit_id: object) -> bool:
         return edit_id in self.index
 
-    def _decode(self, key: bytes, prompt: bytes) -> tuple[torch.Tensor, torch.Tensor]:
-        k = torch.from_numpy(np.frombuffer(key, dtype=np.float32).copy())
-        p = torch.from_numpy(np.frombuffer(prompt, dtype=np.float32).copy()).reshape(self.prompt_shape)
-        return k, p
+    def _decode(self, edit_id: bytes, key: bytes, prompt: bytes, checksum: bytes | None
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Key and prompt of a stored entry, or None (logged, counted) when it fails validation: a checksum that does
+        not match, a size other than the checkpoint's, or a non-finite value. Written by anyone with Redis access,
+        these bytes go straight into the served model's input, so they are never trusted blindly."""
+        name = edit_id.decode(errors="replace")
+        problem = None
+        if checksum is not None and checksum.decode(errors="replace") != _checksum(key, prompt):
+            problem = "checksum mismatch"
+        elif len(key) != 4 * self.index.rep_dim or len(prompt) != 4 * self.prompt_shape[0] * self.prompt_shape[1]:
+            problem = f"size {len(key)}/{len(prompt)} bytes, expected {4 * self.index.rep_dim}/" \
+                      f"{4 * self.prompt_shape[0] * self.prompt_shape[1]}"
+        if problem is None:
+            k = torch.from_numpy(np.frombuffer(key, dtype=np.float32).copy())
+            p = torch.from_numpy(np.frombuffer(prompt, dtype=np.float32).copy()).reshape(self.prompt_shape)
+            if torch.isfinite(k).all() and torch.isfinite(p).all():
+                return k, p
+            problem = "non-finite values"
+        self.rejected_entries += 1
+        log.error("retrieval entry %s skipped: %s (it is not served)", name, problem)
+        return None
 
     def reload(self) -> None:
         """Rebuild the in-memory index from the hashes (start-up, or after the log was trimmed past us)."""
         last = self.redis.xrevrange(self._k["log"], count=1)
         self.index.clear()
         keys = dict(self.redis.hscan_iter(self._k["keys"], count=1000))
-        prompts = self.redis.hmget(self._k["prompts"], list(keys)) if keys else []
-        entries = self.redis.hmget(self._k["entries"], list(keys)) if keys else []
-        for (edit_id, key), prompt, entry in zip(keys.items(), prompts, entries, strict=True):
-            if prompt is not None:
-                self.index.add(edit_id.decode(), *self._decode(key, prompt), _statement(entry))
+        ids = list(keys)
+        prompts = self.redis.hmget(self._k["prompts"], ids) if keys else []
+        entries = self.redis.hmget(self._k["entries"], ids) if keys else []
+        sums = self.redis.hmget(self._k["sums"], ids) if keys else []
+        for (edit_id, key), prompt, entry, checksum in zip(keys.items(), prompts, entries, sums, strict=True):
+            if prompt is not None and (decoded := self._decode(edit_id, key, prompt, checksum)) is not None:
+                self.index.add(edit_id.decode(), *decoded, _statement(entry))
         self._last_id = _stream_id(last[0][0]) if last else (0, 0)
         self._last_refresh = time.monotonic()
 
@@ -149,25 +182,46 @@ class KnowledgeRepository:
             return 0
         added = [f[b"edit_id"] for _, f in changes if f[b"op"] == b"add"]
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hmget(self._k["keys"], added)
-        pipe.hmget(self._k["prompts"], added)
-        pipe.hmget(self._k["entries"], added)
-        keys, prompts, entries = pipe.execute() if added else ([], [], [])
-        current = {eid: (k, p, e) for eid, k, p, e in zip(added, keys, prompts, entries, strict=True)}
+        for name in ("keys", "prompts", "entries", "sums"):
+            pipe.hmget(self._k[name], added)
+        keys, prompts, entries, sums = pipe.execute() if added else ([], [], [], [])
+        current = {eid: row for eid, *row in zip(added, keys, prompts, entries, sums, strict=True)}
         for _, fields in changes:
             edit_id = fields[b"edit_id"]
             if fields[b"op"] == b"retire":
                 self.index.remove(edit_id.decode())
             else:
-                k, p, e = current[edit_id]
-                if k is not None and p is not None:  # None: retired again later in this same batch
-                    self.index.add(edit_id.decode(), *self._decode(k, p), _statement(e))
+                k, p, e, checksum = current[edit_id]
+                if k is None or p is None:  # retired again later in this same batch
+                    continue
+                self.index.remove(edit_id.decode())  # a replaced entry that fails validation must not linger
+                if (decoded := self._decode(edit_id, k, p, checksum)) is not None:
+                    self.index.add(edit_id.decode(), *decoded, _statement(e))
         self._last_id = _stream_id(changes[-1][0])
         return len(changes)
 
     def _maybe_refresh(self) -> None:
-        if time.monotonic() - self._last_refresh >= self.refresh_interval_s:
+        """Replay the change log when due; during a Redis outage keep serving the last in-memory copy."""
+        if time.monotonic() - self._last_refresh < self.refresh_interval_s:
+            return
+        try:
             self.refresh()
+        except redis.RedisError as err:
+            self._last_refresh = time.monotonic()  # retry at the refresh interval, not on every query
+            if self.stale_since is None:
+                self.stale_since = time.monotonic()
+                log.warning("retrieval tier: Redis unreachable (%s); serving the last in-memory copy of %d entries",
+                            err, len(self.index))
+            return
+        if self.stale_since is not None:
+            log.warning("retrieval tier: Redis answers again after %.1f s; back in sync",
+                        time.monotonic() - self.stale_since)
+            self.stale_since = None
+
+    @property
+    def stale_seconds(self) -> float:
+        """How long lookups have been answered from memory because Redis did not answer (0 when in sync)."""
+        return 0.0 if self.stale_since is None else time.monotonic() - self.stale_since
 
     def add(self, edit: EditRequest, statement: str, key: torch.Tensor, prompt: torch.Tensor) -> None:
         """Store one entry durably (re-adding an edit_id replaces it) and make it searchable here at once."""
@@ -180,10 +234,12 @@ class KnowledgeRepository:
             "edit": edit.model_dump(mode="json"),
             "added_at": datetime.now(UTC).isoformat(),
         }
+        key_bytes, prompt_bytes = _to_bytes(key), _to_bytes(prompt)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(self._k["entries"], edit_id, json.dumps(entry))
-        pipe.hset(self._k["keys"], edit_id, _to_bytes(key))
-        pipe.hset(self._k["prompts"], edit_id, _to_bytes(prompt))
+        pipe.hset(self._k["keys"], edit_id, key_bytes)
+        pipe.hset(self._k["prompts"], edit_id, prompt_bytes)
+        pipe.hset(self._k["sums"], edit_id, _checksum(key_bytes, prompt_bytes))
         pipe.xadd(self._k["log"], {"op": "add", "edit_id": edit_id}, maxlen=self.log_maxlen, approximate=True)
         pipe.execute()
         self.refresh()
@@ -194,6 +250,7 @@ class KnowledgeRepository:
         pipe.hdel(self._k["entries"], edit_id)
         pipe.hdel(self._k["keys"], edit_id)
         pipe.hdel(self._k["prompts"], edit_id)
+        pipe.hdel(self._k["sums"], edit_id)
         pipe.xadd(self._k["log"], {"op": "retire", "edit_id": edit_id}, maxlen=self.log_maxlen, approximate=True)
         existed = bool(pipe.execute()[0])
         self.refresh()

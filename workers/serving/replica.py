@@ -224,6 +224,7 @@ class Replica:
         )
         self.metrics.observe("editq_retrieval_latency_seconds", time.perf_counter() - start)
         self.metrics.inc("editq_retrieval_lookups", result="hit" if hit else "sentinel")
+        self.metrics.set("editq_retrieval_stale_seconds", self.retrieval.stale_seconds)
         return inputs, hit
 
     async def _run(self, prompt: Any, params: Any, request_id: str | None) -> AsyncIterator[Any]:

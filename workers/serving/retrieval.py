@@ -1,5 +1,6 @@
-"""The query side of the retrieval tier inside a serving replica: look the query up, and on a hit send vLLM the
-prompt as embeddings with the edit's RECIPE continuous prompt in front (``{"prompt_embeds": ...}``).
+"""The query side of the retrieval tier inside a serving replica: look the query up, and on a hit put the edit in
+front of the prompt (``EDITQ_RETRIEVAL_INJECTION``): RECIPE's continuous prompt as embeddings
+(``{"prompt_embeds": ...}``), the edit's statement as text (``{"prompt_token_ids": ...}``), or both (the default).
 
 The replica needs only the LLM's input-embedding table for this (read from the checkpoint files by name, found
 through the model class on the meta device, so no model-specific path is hard-coded), the sentence encoder and the
@@ -73,6 +74,11 @@ class QueryRetrieval:
             return None
         return cls(tier, load_input_embeddings(settings.resolved_model_path()), tokenizer,
                    settings.retrieval_injection, settings.retrieval_top_k)
+
+    @property
+    def stale_seconds(self) -> float:
+        """Seconds the tier has answered from memory during a Redis outage (0 for an in-memory tier or in sync)."""
+        return float(getattr(self.tier.store, "stale_seconds", 0.0))
 
     @torch.no_grad()
     def prepare(self, query: str, full_prompt: str) -> tuple[Any, RetrievedEdit | None]:
