@@ -15,6 +15,7 @@ import time
 
 from shared.metrics import Metrics, default_metrics
 from shared.outcomes import EditState
+from shared.schemas import EditRequest
 from shared.settings import Settings
 from shared.streams import RETRIEVAL_GROUP, EditStreams
 from workers.retrieval.tier import RetrievalTier
@@ -78,6 +79,14 @@ class RetrievalIndexer:
         self.indexed += len(fresh)
         if fresh:
             self.metrics.set("editq_retrieval_entries", len(self.tier))
+
+    async def add(self, requests: list[EditRequest]) -> int:
+        """Put edits (back) into the tier, e.g. those a compaction no longer makes take; returns how many."""
+        if self.tier is None or not requests:
+            return 0
+        await asyncio.to_thread(self.tier.add_many, requests)
+        self.metrics.set("editq_retrieval_entries", len(self.tier))
+        return len(requests)
 
     async def retire(self, edit_ids: list[str]) -> int:
         """Remove edits whose weight version is live; returns how many were in the tier."""

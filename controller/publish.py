@@ -127,14 +127,17 @@ class Publisher:
     def compaction_probes(self, manifest: VersionManifest, n: int = COMPACTION_PROBES) -> list[EditRequest]:
         """A compaction writes no edits of its own but re-solves all of them: the canary probes the newest
         ``n`` live edits that took (their manifests hold the requests)."""
-        out: list[EditRequest] = []
+        out: dict[str, EditRequest] = {}  # by prompt text: only the newest edit of a prompt is live
+        lost = set(manifest.missed_edit_ids)
         parent = manifest.parent
         while parent and len(out) < n:
             earlier = self.store.manifest(parent)
-            missed = set(earlier.missed_edit_ids)
-            out += [r for r in reversed(earlier.edits) if r.edit_id not in missed][: n - len(out)]
+            skip = lost | set(earlier.missed_edit_ids)
+            for r in reversed(earlier.edits):
+                if len(out) < n and r.edit_id not in skip:
+                    out.setdefault(r.text, r)
             parent = earlier.parent
-        return out
+        return list(out.values())
 
     # ---- one rollout --------------------------------------------------------------------------------------------
     async def publish(

@@ -167,7 +167,11 @@ class Controller:
             async def retire(edit_ids: list[str]) -> int:
                 return await self.indexer.retire.remote(edit_ids)
 
+            async def restore(requests: list) -> int:
+                return await self.indexer.add.remote(requests)
+
             self.publisher.retire = retire
+            self.compactor.restore = restore
         else:
             log.warning("retrieval tier off (no checkpoint for this model): edits are served by the weights only")
 
@@ -195,7 +199,7 @@ class Controller:
         batch = self.batcher.take()
         if batch:
             await self._process(batch)
-        elif why := await self.compactor.due():  # between batches, never delaying one that is due
+        elif why := await self.compactor.due():  # between batches (one that becomes due meanwhile waits)
             await self.compactor.run(why)
         if time.monotonic() - self._last_sweep > s.janitor_interval_s:
             self._last_sweep = time.monotonic()

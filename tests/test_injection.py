@@ -101,3 +101,21 @@ def test_a_query_that_needs_two_edits_gets_both() -> None:
     assert text.rindex(best.target_new) > text.rindex(next(s for s in (tongue, born) if s is not best).target_new)
     single = QueryRetrieval(tier, torch.nn.Embedding(8, 4), tokenizer, "text", top_k=1).prepare(query, query)
     assert single[1].also == []
+
+
+def test_a_bos_token_stays_first(parts) -> None:
+    """Llama- or Mistral-style tokenizers start every prompt with BOS: the statement goes after it."""
+    tokenizer, embedding, hit = parts
+    bos = tokenizer.pad_token_id  # any special id will do for the check
+
+    class _WithBos:
+        all_special_ids = (bos,)
+
+        def __call__(self, text, add_special_tokens=True):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            return {"input_ids": ([bos] if add_special_tokens else []) + ids}
+
+    query = "the capital of france is"
+    inputs, _ = QueryRetrieval(_Tier(hit), embedding, _WithBos(), "text").prepare(query, query)
+    prefix = text_prefix_ids(tokenizer, STATEMENT)
+    assert inputs["prompt_token_ids"] == [bos, *prefix, *tokenizer(query, add_special_tokens=False)["input_ids"]]

@@ -275,6 +275,7 @@ class EditWorker:
         return EditResult(
             version=job.version, parent=job.parent, edit_ids=[], deltas=result.deltas, aux=result.aux,
             checksums=checksums, v_nll=[], seconds=seconds, metrics=metrics, reference=reference, kind="compaction",
+            missed_edit_ids=done.lost,  # took before, not after (only when EDITQ_COMPACT_MAX_LOST allows any)
         )
 
     def missed_edits(self, result: BatchResult, requests: list[EditRequest], seconds: dict[str, float]) -> list[str]:

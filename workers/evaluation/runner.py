@@ -6,8 +6,9 @@ general-ability measures of ``workers.evaluation.general`` (full budget) before 
 
 By default the deployment's policy applies, as in the pipeline: the guard settings, and the health budget
 (``EDITQ_HEALTH_*``), whose refused batches go to the retrieval tier. Every edit is then scored the way it would be
-served (its weights, or the tier with retrieval over all tier-held edits), and the JSON reports ``weights_share`` and
-``tier_share`` with the split metrics beside the combined ones. ``policy=False`` evaluates the bare editor.
+served (its weights, or the tier with retrieval over all tier-held edits), and the JSON reports ``weights_share``,
+``tier_share`` and the routes (with the tier's own hit rates) beside the combined metrics. ``policy=False``
+evaluates the bare editor.
 """
 
 from __future__ import annotations

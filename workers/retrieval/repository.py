@@ -6,8 +6,8 @@ Layout under ``prefix`` (one repository per prefix, shared by every router):
 * ``{prefix}:keys`` / ``{prefix}:prompts`` hashes edit_id -> raw float32 bytes (key [r], prompt [p, hidden])
 * ``{prefix}:log`` stream of ``op=add|retire, edit_id``: routers replay it to stay in sync without reloading
 * ``{prefix}:meta`` hash: the checkpoint id the keys were made with (keys of another checkpoint are meaningless)
-* ``{prefix}:sums`` hash edit_id -> sha256 of key + prompt bytes: an entry is validated (checksum, size, finite
-  values) before it can be put in front of a query; a bad one is skipped and logged, never served
+* ``{prefix}:sums`` hash edit_id -> sha256 of key, prompt and statement: an entry is validated (checksum, size,
+  finite values, statement length) before it can be put in front of a query; a bad one is skipped and logged
 
 Reads survive a Redis outage: a failed change-log replay is logged once, counted (``stale_since``), and lookups keep
 answering from the last in-memory copy until Redis answers again.
@@ -64,18 +64,23 @@ def _stream_id(raw: bytes | str) -> tuple[int, int]:
     return int(ms), int(seq)
 
 
+OUTAGE_RETRY_S = 5.0  # between refresh attempts while Redis does not answer
+MAX_STATEMENT_CHARS = 2000  # an edit's prompt + target fit easily; a forged entry cannot flood the query
+
+
 def _statement(entry: bytes | None) -> str:
-    """The statement of a stored entry (its JSON), or "" when the entry is gone or unreadable."""
+    """The statement of a stored entry (its JSON), or "" when the entry is gone, unreadable or oversized."""
     if entry is None:
         return ""
     try:
-        return str(json.loads(entry).get("statement", ""))
+        statement = str(json.loads(entry).get("statement", ""))
     except (ValueError, AttributeError):
         return ""
+    return statement if len(statement) <= MAX_STATEMENT_CHARS else ""
 
 
-def _checksum(key: bytes, prompt: bytes) -> str:
-    return hashlib.sha256(key + b"|" + prompt).hexdigest()[:32]
+def _checksum(key: bytes, prompt: bytes, statement: str) -> str:
+    return hashlib.sha256(key + b"|" + prompt + b"|" + statement.encode()).hexdigest()[:32]
 
 
 def _to_bytes(tensor: torch.Tensor) -> bytes:
@@ -98,7 +103,8 @@ class KnowledgeRepository:
         log_maxlen: int = 1_000_000,
         client: redis.Redis | None = None,
     ) -> None:
-        self.redis = client or redis.Redis.from_url(url)
+        # Short timeouts: a Redis that stops answering must not hold every query behind the tier's lock.
+        self.redis = client or redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=1.0)
         self.prefix = prefix
         self.prompt_shape = (int(prompt_shape[0]), int(prompt_shape[1]))
         self.refresh_interval_s = refresh_interval_s
@@ -128,14 +134,16 @@ class KnowledgeRepository:
     def __contains__(self, edit_id: object) -> bool:
         return edit_id in self.index
 
-    def _decode(self, edit_id: bytes, key: bytes, prompt: bytes, checksum: bytes | None
+    def _decode(self, edit_id: bytes, key: bytes, prompt: bytes, statement: str, checksum: bytes | None
                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Key and prompt of a stored entry, or None (logged, counted) when it fails validation: a checksum that does
-        not match, a size other than the checkpoint's, or a non-finite value. Written by anyone with Redis access,
-        these bytes go straight into the served model's input, so they are never trusted blindly."""
+        not match its key, prompt and statement (corruption, a partial or foreign write), a size other than the
+        checkpoint's, or a non-finite value. These bytes go straight into the served model's input. The checksum is
+        an integrity check, not authentication (whoever can write Redis can recompute it): protect Redis itself
+        with AUTH/ACLs; entries written before checksums existed are checked for size and values only."""
         name = edit_id.decode(errors="replace")
         problem = None
-        if checksum is not None and checksum.decode(errors="replace") != _checksum(key, prompt):
+        if checksum is not None and checksum.decode(errors="replace") != _checksum(key, prompt, statement):
             problem = "checksum mismatch"
         elif len(key) != 4 * self.index.rep_dim or len(prompt) != 4 * self.prompt_shape[0] * self.prompt_shape[1]:
             problem = f"size {len(key)}/{len(prompt)} bytes, expected {4 * self.index.rep_dim}/" \
@@ -153,15 +161,17 @@ class KnowledgeRepository:
     def reload(self) -> None:
         """Rebuild the in-memory index from the hashes (start-up, or after the log was trimmed past us)."""
         last = self.redis.xrevrange(self._k["log"], count=1)
-        self.index.clear()
+        fresh = KnowledgeIndex(self.index.sentinel_key, self.index.scale, self.index.sentinel_offset)
         keys = dict(self.redis.hscan_iter(self._k["keys"], count=1000))
         ids = list(keys)
         prompts = self.redis.hmget(self._k["prompts"], ids) if keys else []
         entries = self.redis.hmget(self._k["entries"], ids) if keys else []
         sums = self.redis.hmget(self._k["sums"], ids) if keys else []
         for (edit_id, key), prompt, entry, checksum in zip(keys.items(), prompts, entries, sums, strict=True):
-            if prompt is not None and (decoded := self._decode(edit_id, key, prompt, checksum)) is not None:
-                self.index.add(edit_id.decode(), *decoded, _statement(entry))
+            statement = _statement(entry)
+            if prompt is not None and (decoded := self._decode(edit_id, key, prompt, statement, checksum)):
+                fresh.add(edit_id.decode(), *decoded, statement)
+        self.index = fresh  # swapped in only once every read succeeded: a failed reload keeps the old copy
         self._last_id = _stream_id(last[0][0]) if last else (0, 0)
         self._last_refresh = time.monotonic()
 
@@ -181,7 +191,7 @@ class KnowledgeRepository:
         if not changes:
             return 0
         added = [f[b"edit_id"] for _, f in changes if f[b"op"] == b"add"]
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self.redis.pipeline(transaction=True)  # one consistent view of an entry (a writer uses MULTI too)
         for name in ("keys", "prompts", "entries", "sums"):
             pipe.hmget(self._k[name], added)
         keys, prompts, entries, sums = pipe.execute() if added else ([], [], [], [])
@@ -195,8 +205,9 @@ class KnowledgeRepository:
                 if k is None or p is None:  # retired again later in this same batch
                     continue
                 self.index.remove(edit_id.decode())  # a replaced entry that fails validation must not linger
-                if (decoded := self._decode(edit_id, k, p, checksum)) is not None:
-                    self.index.add(edit_id.decode(), *decoded, _statement(e))
+                statement = _statement(e)
+                if (decoded := self._decode(edit_id, k, p, statement, checksum)) is not None:
+                    self.index.add(edit_id.decode(), *decoded, statement)
         self._last_id = _stream_id(changes[-1][0])
         return len(changes)
 
@@ -207,7 +218,8 @@ class KnowledgeRepository:
         try:
             self.refresh()
         except redis.RedisError as err:
-            self._last_refresh = time.monotonic()  # retry at the refresh interval, not on every query
+            # Retry after a pause, not on every query: each attempt can cost up to the socket timeout.
+            self._last_refresh = time.monotonic() + OUTAGE_RETRY_S
             if self.stale_since is None:
                 self.stale_since = time.monotonic()
                 log.warning("retrieval tier: Redis unreachable (%s); serving the last in-memory copy of %d entries",
@@ -234,12 +246,14 @@ class KnowledgeRepository:
             "edit": edit.model_dump(mode="json"),
             "added_at": datetime.now(UTC).isoformat(),
         }
+        if len(statement) > MAX_STATEMENT_CHARS:
+            raise ValueError(f"statement longer than {MAX_STATEMENT_CHARS} characters")
         key_bytes, prompt_bytes = _to_bytes(key), _to_bytes(prompt)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(self._k["entries"], edit_id, json.dumps(entry))
         pipe.hset(self._k["keys"], edit_id, key_bytes)
         pipe.hset(self._k["prompts"], edit_id, prompt_bytes)
-        pipe.hset(self._k["sums"], edit_id, _checksum(key_bytes, prompt_bytes))
+        pipe.hset(self._k["sums"], edit_id, _checksum(key_bytes, prompt_bytes, statement))
         pipe.xadd(self._k["log"], {"op": "add", "edit_id": edit_id}, maxlen=self.log_maxlen, approximate=True)
         pipe.execute()
         self.refresh()

@@ -2,7 +2,8 @@
 
 ``TierScorer`` holds the tier-routed edits in an in-memory RECIPE index and scores probe edits CounterFact-style:
 each edit / paraphrase / neighbourhood query retrieves over ALL held edits, and the hit's injection (whichever edit
-it is; nothing on a sentinel rejection) is put in front of the current model's input, as a replica would.
+it is; nothing on a sentinel rejection) is put in front of the current model's input, as a replica with the default
+``EDITQ_RETRIEVAL_TOP_K=1`` would.
 """
 
 from __future__ import annotations

@@ -87,18 +87,23 @@ class QueryRetrieval:
         if not query.strip():
             return full_prompt, None
         texts = self.injection != "prompt"
-        hits = self.tier.lookup_all(query, self.top_k) if texts and self.top_k > 1 else []
-        hit = hits[0] if hits else self.tier.lookup(query)
-        if hit is None:
+        if texts and self.top_k > 1:
+            hits = self.tier.lookup_all(query, self.top_k)
+        else:
+            hits = [h] if (h := self.tier.lookup(query)) is not None else []
+        if not hits:
             return full_prompt, None
-        hits = hits or [hit]
+        hit = hits[0]
         ids = list(self.tokenizer(full_prompt)["input_ids"])
-        if texts and hit.statement:
-            for other in hits:  # prepended best first, so the best hit ends up next to the query
-                ids = text_prefix_ids(self.tokenizer, other.statement) + ids
+        stated = [h for h in hits if h.statement] if texts else []
+        if stated:
+            # After any leading special tokens (a BOS stays first), best hit last, next to the query.
+            lead = next((i for i, t in enumerate(ids) if t not in set(self.tokenizer.all_special_ids)), len(ids))
+            prefix = [t for h in reversed(stated) for t in text_prefix_ids(self.tokenizer, h.statement)]
+            ids = ids[:lead] + prefix + ids[lead:]
         used = RetrievedEdit(edit_id=hit.edit_id, score=float(hit.score), sentinel_score=float(hit.sentinel_score),
-                             also=[h.edit_id for h in hits[1:]] if texts and hit.statement else [])
-        if self.injection == "text" and hit.statement:
+                             also=[h.edit_id for h in stated if h is not hit])
+        if self.injection == "text" and stated:
             return {"prompt_token_ids": ids}, used
         embeds = self.tier.prompt_embeds(self.embedding, ids, hit).float().contiguous()
         return {"prompt_embeds": embeds}, used
