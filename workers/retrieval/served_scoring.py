@@ -42,10 +42,10 @@ class TierScorer:
         store = self.tier.store
         assert isinstance(store, KnowledgeIndex)
         order = sorted(ids)
-        statements = [store.statement(i) for i in order]
-        prompts = torch.stack([store.prompt(i) for i in order]) if order else torch.empty(0)
         if not order:
             return {}
+        statements = [store.statement(i) for i in order]
+        prompts = torch.stack([store.prompt(i) for i in order])
         values = injected_prefixes(self.injection, model.get_input_embeddings(), tokenizer, statements, prompts)
         return dict(zip(order, values, strict=True))
 

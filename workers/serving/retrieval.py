@@ -98,7 +98,8 @@ class QueryRetrieval:
         stated = [h for h in hits if h.statement] if texts else []
         if stated:
             # After any leading special tokens (a BOS stays first), best hit last, next to the query.
-            lead = next((i for i, t in enumerate(ids) if t not in set(self.tokenizer.all_special_ids)), len(ids))
+            special = set(self.tokenizer.all_special_ids)
+            lead = next((i for i, t in enumerate(ids) if t not in special), len(ids))
             prefix = [t for h in reversed(stated) for t in text_prefix_ids(self.tokenizer, h.statement)]
             ids = ids[:lead] + prefix + ids[lead:]
         used = RetrievedEdit(edit_id=hit.edit_id, score=float(hit.score), sentinel_score=float(hit.sentinel_score),
