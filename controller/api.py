@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
+from typing import Annotated
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Path as FastPath
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -19,7 +21,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from pydantic import BaseModel
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
+from controller import operations
+from controller.security.access import AccessControl, Principal
+from controller.security.body_limit import BodySizeLimit
+from controller.security.keys import Scope
+from shared.audit import AuditAction, AuditEntry
 from shared.metrics import SPECS, PrometheusMetrics, parse_metric_key
 from shared.outcomes import EditOutcome, EditStatus, SubmitResult
 from shared.schemas import EditRequest
@@ -39,6 +47,7 @@ class QueueView(BaseModel):
     pending: int
     length: int
     dead_letters: int
+    paused: bool = False
 
 
 class StateCollector:
@@ -89,9 +98,9 @@ class StateCollector:
             yield from families.values()
 
 
-def _mount_serving(app: FastAPI, settings: Settings) -> None:
+def _mount_serving(app: FastAPI, settings: Settings, access: AccessControl) -> None:
     """OpenAI-compatible queries over the serving replicas (found by name on the Ray cluster, so the API may start
-    before them and survives their restarts)."""
+    before them and survives their restarts); the same keys, sent the way OpenAI clients send them."""
     import ray
 
     from controller.openai_api import build_openai_router
@@ -100,7 +109,11 @@ def _mount_serving(app: FastAPI, settings: Settings) -> None:
     if not ray.is_initialized():
         ray.init(address="auto", namespace="editq", log_to_driver=False)
     router = Router(replica_clients(settings), settings)
-    app.include_router(build_openai_router(lambda: router, settings.served_model_name(), lambda: app.state.streams))
+    app.include_router(build_openai_router(lambda: router, settings.served_model_name(), lambda: app.state.streams),
+                       dependencies=[Depends(access.require(Scope.query))])
+
+
+STREAM_ID = r"^(0|\$|-|\d{1,20}(-\d{1,20})?)$"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -114,14 +127,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await app.state.streams.ensure_group()
         yield
         await app.state.streams.close()
+        await access_redis.aclose()
 
+    docs = {} if settings.api_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(
-        title="editq", version="0.1.0", lifespan=lifespan,
-        description="Queue fact corrections for a served LLM; follow them to the weight version that holds them.",
+        title="editq", version="0.1.0", lifespan=lifespan, **docs,
+        description="Queue fact corrections for a served LLM; follow them to the weight version that holds them. "
+        "Every route but /healthz takes 'Authorization: Bearer <API key>' (editq keys create).",
     )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.store = LocalWeightStore(settings.resolved_store_dir())
+    access_redis = AsyncRedis.from_url(settings.redis_url, decode_responses=True, socket_timeout=5)
+    access = AccessControl(settings, access_redis)
+    app.state.access = access
+    writer, reader, admin = (Depends(access.require(s)) for s in (Scope.edits_write, Scope.edits_read, Scope.admin))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
@@ -129,65 +150,121 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.inc("editq_edits_invalid")
         return await request_validation_exception_handler(request, exc)
 
-    @app.post("/v1/edits", status_code=202, response_model=SubmitResult | list[SubmitResult])
-    async def submit_edits(body: EditRequest | list[EditRequest]) -> SubmitResult | list[SubmitResult]:
-        """Queue one edit or a list; each answer holds the ``edit_id`` to follow (``duplicate`` if known)."""
+    @app.post("/v1/edits", status_code=202, response_model=SubmitResult | list[SubmitResult],
+              responses={409: {"description": "an edit_id already used for other content"},
+                         413: {"description": "body or list too large"}, 429: {"description": "rate limit"}})
+    async def submit_edits(
+        body: EditRequest | list[EditRequest], principal: Principal = writer
+    ) -> SubmitResult | list[SubmitResult]:
+        """Queue one edit or a list; each answer holds the ``edit_id`` to follow (``duplicate`` if known). The
+        edit's ``source`` is the caller's identity (whatever the body says)."""
         streams: EditStreams = app.state.streams
         many = isinstance(body, list)
-        results = [await streams.submit(r) for r in (body if many else [body])]
-        for request, result in zip(body if many else [body], results, strict=True):
+        requests = [r.model_copy(update={"source": principal.name}) for r in (body if many else [body])]
+        if len(requests) > settings.max_edits_per_request:
+            raise HTTPException(413, [{"loc": ["body"], "type": "too_long",
+                                       "msg": f"at most {settings.max_edits_per_request} edits per request"}])
+        if not requests:
+            raise HTTPException(422, [{"loc": ["body"], "type": "too_short", "msg": "the list of edits is empty"}])
+        ids = [r.edit_id for r in requests]
+        if len(set(ids)) < len(ids):
+            raise HTTPException(422, [{"loc": ["body", "edit_id"], "type": "duplicate",
+                                       "msg": "the same edit_id twice in one request"}])
+        await _refuse_conflicts(streams, requests)  # before anything is stored
+        await access.charge_edits(principal, len(requests))
+        results = [await streams.submit(r, principal.name) for r in requests]
+        conflicts = [r.edit_id for r in results if r.conflict]  # raced with another writer after the check
+        if conflicts:
+            raise HTTPException(409, f"edit_id already used for other content: {', '.join(conflicts)}")
+        for result in results:
             if not result.duplicate:
-                metrics.inc("editq_edits_submitted", source=request.source[:32])
+                metrics.inc("editq_edits_submitted", source=principal.name[:32])
         return results if many else results[0]
 
-    @app.get("/v1/edits/{edit_id:path}", response_model=EditStatus)
-    async def edit_status(edit_id: str) -> EditStatus:
+    @app.get("/v1/edits/{edit_id:path}", response_model=EditStatus, dependencies=[reader])
+    async def edit_status(edit_id: Annotated[str, FastPath(max_length=128)]) -> EditStatus:
         status = await app.state.streams.status(edit_id)
         if status is None:
             raise HTTPException(404, f"no edit with id {edit_id!r}")
         return status
 
-    @app.get("/v1/outcomes", response_model=list[EditOutcome])
-    async def outcomes(after: str = "0", count: int = 100) -> list[EditOutcome]:
-        return [o for _, o in await app.state.streams.outcomes(after=after, count=min(count, 1000))]
+    @app.get("/v1/outcomes", response_model=list[EditOutcome], dependencies=[reader])
+    async def outcomes(
+        after: Annotated[str, Query(pattern=STREAM_ID, description="Stream id to read after ('0': all).")] = "0",
+        count: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> list[EditOutcome]:
+        return [o for _, o in await app.state.streams.outcomes(after=after, count=count)]
 
-    @app.get("/v1/queue", response_model=QueueView)
+    @app.get("/v1/queue", response_model=QueueView, dependencies=[reader])
     async def queue() -> QueueView:
         streams: EditStreams = app.state.streams
         depth = await streams.queue_depth()
-        return QueueView(**depth, dead_letters=await streams.redis.xlen(streams.dlq_key))
+        return QueueView(**depth, dead_letters=await streams.redis.xlen(streams.dlq_key),
+                         paused=await operations.paused(streams) is not None)
 
-    @app.get("/v1/weights", response_model=VersionsView)
-    async def weights(limit: int = 20) -> VersionsView:
-        """Committed weight versions, newest first, with the manifest summary (audit trail)."""
+    @app.get("/v1/weights", response_model=VersionsView, dependencies=[reader])
+    async def weights(limit: Annotated[int, Query(ge=1, le=1000)] = 20) -> VersionsView:
+        """Weight versions, newest first, with the manifest summary and status (rolled-back ones included)."""
         streams: EditStreams = app.state.streams
         store: LocalWeightStore = app.state.store
         rows = []
-        for version in sorted(store.versions(), reverse=True)[: max(1, min(limit, 1000))]:
+        for version in sorted(store.versions(), reverse=True)[:limit]:
             info = await streams.version_info(version)
             if not info:
                 continue  # written to the store but never committed (a crash before its commit)
             manifest: VersionManifest = store.manifest(version)
             rows.append({
-                "version": version, "parent": manifest.parent, "status": info.get("status"),
+                "version": version, "parent": manifest.parent, "status": info.get("status"), "kind": manifest.kind,
                 "edits": len(manifest.edit_ids), "algo": manifest.algo, "created_at": manifest.created_at,
                 "delta_bytes": sum(m.delta_bytes for m in manifest.matrices),
             })
         return VersionsView(head=await streams.head(), live=await streams.live(), versions=rows)
 
+    @app.get("/v1/audit", response_model=list[AuditEntry], dependencies=[admin])
+    async def audit(
+        after: Annotated[str, Query(pattern=STREAM_ID, description="Stream id to read after ('-': from the start).")]
+        = "-",
+        count: Annotated[int, Query(ge=1, le=1000)] = 100,
+        action: AuditAction | None = None,
+        newest_first: bool = False,
+    ) -> list[AuditEntry]:
+        """The append-only audit trail: who changed what, when, in which version."""
+        return await app.state.streams.audit.read(after=after, count=count, action=action, newest_first=newest_first)
+
+    @app.post("/v1/admin/pause", dependencies=[admin])
+    async def pause(request: Request, reason: Annotated[str, Query(max_length=200)] = "") -> dict[str, bool]:
+        """Stop the controller taking new batches (edits still queue; nothing is lost)."""
+        await operations.pause(app.state.streams, request.state.principal.name, reason)
+        return {"paused": True}
+
+    @app.post("/v1/admin/resume", dependencies=[admin])
+    async def resume(request: Request) -> dict[str, bool]:
+        await operations.resume(app.state.streams, request.state.principal.name)
+        return {"paused": False}
+
     if settings.serving_replicas > 0:
-        _mount_serving(app, settings)
+        _mount_serving(app, settings, access)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         try:
             await app.state.streams.redis.ping()
         except Exception as err:
-            raise HTTPException(503, f"redis unavailable: {err}") from None
+            raise HTTPException(503, f"redis unavailable: {type(err).__name__}") from None
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    metrics_guard = [] if settings.metrics_public else [Depends(access.require(Scope.metrics))]
+
+    @app.get("/metrics", dependencies=metrics_guard)
     def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def _refuse_conflicts(streams: EditStreams, requests: list[EditRequest]) -> None:
+    """409 when an edit_id is already known with other content (a reused id must not read as 'duplicate')."""
+    known = await streams.requests([r.edit_id for r in requests])
+    clashes = [r.edit_id for r in requests if r.edit_id in known and known[r.edit_id].content_key() != r.content_key()]
+    if clashes:
+        raise HTTPException(409, f"edit_id already used for other content: {', '.join(clashes)}")

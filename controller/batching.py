@@ -13,7 +13,7 @@ earlier one. Pure logic, no I/O, so it is tested on its own.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from shared.streams import StreamEntry
@@ -54,6 +54,13 @@ class Batcher:
             self._since = self.clock()
         if self._pending and len(self._pending) > held_before:
             self._last = self.clock()
+
+    def put_back(self, entries: Sequence[StreamEntry]) -> None:
+        """Return a batch that could not be processed (the infrastructure failed) to the front, in order."""
+        held = {e.stream_id for e in self._pending}
+        self._pending = [e for e in entries if e.stream_id not in held] + self._pending
+        if self._pending and self._since is None:
+            self._since = self.clock()
 
     def __len__(self) -> int:
         return len(self._pending)

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from controller.audit_cli import register as register_operator_commands
 from controller.cli_common import HomeOpt, ModelOpt, console, fail, settings_with
 from controller.pipeline_cli import register as register_pipeline_commands
 from controller.progress import stage_progress
@@ -17,7 +18,9 @@ from controller.query_cli import query
 from controller.retrieval_cli import retrieval_app
 from controller.stats_cli import stats
 
-app = typer.Typer(help="editq: keep a served LLM's facts correct while it serves.", no_args_is_help=True)
+# Tracebacks never show local variables: they can hold secrets (API keys, a Redis URL with its password).
+app = typer.Typer(help="editq: keep a served LLM's facts correct while it serves.", no_args_is_help=True,
+                  pretty_exceptions_show_locals=False)
 models_app = typer.Typer(help="Offline model and encoder assets.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(retrieval_app, name="retrieval")
@@ -150,7 +153,7 @@ def demo(
     home: HomeOpt = None,
 ) -> None:
     """The whole system on this machine: stream CounterFact edits, serve them from vLLM replicas, show before/after."""
-    from controller.demo import DemoConfig, run_demo
+    from controller.demo import DemoConfig, ForeignStoreError, run_demo
     from controller.demo_wait import StartupError
     from controller.runtime import RedisUnavailableError
 
@@ -163,9 +166,12 @@ def demo(
         fail(str(err))
     except StartupError as err:
         fail(str(err), code=1)
+    except ForeignStoreError as err:
+        fail(str(err))
 
 
 register_pipeline_commands(app)
+register_operator_commands(app)
 app.command("query")(query)
 app.command("stats")(stats)
 

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from controller.verdicts import StaleHeadError
+from shared.audit import AuditAction, AuditEntry
 from shared.metrics import Metrics
 from shared.schemas import EditRequest
 from shared.settings import Settings
@@ -41,6 +42,7 @@ def request_key(namespace: str) -> str:
 async def request_compaction(streams: EditStreams, requested_by: str) -> None:
     """Ask the running controller to compact at its next step (``editq compact``)."""
     await streams.redis.set(request_key(streams.namespace), f"{requested_by} {time.time():.0f}")
+    await streams.audit.append(AuditEntry(action=AuditAction.compaction_requested, principal=requested_by))
 
 
 class Compactor:
@@ -78,7 +80,7 @@ class Compactor:
         """One compaction of the head; the committed version number, or None when refused."""
         self.versions_since = 0
         head = await self.streams.head()
-        version = head + 1
+        version = await self.streams.next_version(max(self.store.versions(), default=0))
         started = time.perf_counter()
         try:
             result = await self.pool.compact(head, version, self.max_lost)
@@ -96,7 +98,11 @@ class Compactor:
             metrics={**result.metrics, **{f"seconds_{k}": v for k, v in result.seconds.items()}},
             missed_edit_ids=result.missed_edit_ids, reference=result.reference, kind="compaction",
         )
-        self.store.put(manifest, result.deltas, result.aux)
+        try:
+            self.store.put(manifest, result.deltas, result.aux)
+        except BaseException:  # the workers hold the uncommitted version: bring them back to the head
+            await self._resync(head)
+            raise
         fields = {"status": "committed", "parent": head, "edits": 0, "kind": "compaction",
                   "created_at": manifest.created_at.isoformat()}
         if await self.streams.finish([], expect_head=head, new_head=version, version_fields=fields) < 0:

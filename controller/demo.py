@@ -34,7 +34,7 @@ from controller.demo_wait import describe_worker, wait_ready
 from controller.runtime import _free_port, ensure_redis, init_ray, start_controller, stop_controller
 from shared.outcomes import EditState, EditStatus
 from shared.schemas import EditRequest
-from shared.settings import Settings
+from shared.settings import Settings, redacted_url
 from shared.streams import EditStreams
 from shared.weight_store import LocalWeightStore, rebuild
 from workers.assets import quiet_transformers
@@ -85,10 +85,12 @@ class DemoAPI:
         self.thread.start()
         while not self.server.started and self.thread.is_alive():
             time.sleep(0.05)
+        self.secret = asyncio.run(_demo_key(settings)) if settings.auth else None
+        self.headers = {"Authorization": f"Bearer {self.secret}"} if self.secret else {}
 
     def replicas(self) -> list[dict]:
         """Each replica's name, state, version and error, as the router sees them (``/v1/versions``)."""
-        return httpx.get(f"{self.url}/v1/versions", timeout=30).json()["replicas"]
+        return httpx.get(f"{self.url}/v1/versions", headers=self.headers, timeout=30).json()["replicas"]
 
     def ask(self, prompts: list[str], min_version: int | None = None, retry_s: float = 120) -> list[tuple[str, int]]:
         """Greedy completions through ``/v1/completions``, with the weight version that produced each.
@@ -98,7 +100,7 @@ class DemoAPI:
         body = {"prompt": prompts, "max_tokens": 8, "temperature": 0, "min_version": min_version}
         deadline = time.monotonic() + retry_s
         while True:
-            response = httpx.post(f"{self.url}/v1/completions", json=body, timeout=300)
+            response = httpx.post(f"{self.url}/v1/completions", json=body, headers=self.headers, timeout=300)
             if response.status_code != 503 or time.monotonic() > deadline:
                 break
             time.sleep(1)
@@ -120,24 +122,54 @@ def greedy(model, tokenizer, prompt: str, max_new_tokens: int = 8) -> str:
     return tokenizer.decode(out[0, batch.input_ids.shape[1]:], skip_special_tokens=True).strip()
 
 
+DEMO_STORE_MARK = ".editq-demo-store"
+
+
+class ForeignStoreError(RuntimeError):
+    """The configured weight store holds versions the demo did not write: it is never deleted."""
+
+
+async def _demo_key(settings: Settings) -> str:
+    """An admin key in the demo's own namespace (reset with it), so the demo talks to its API as any client."""
+    from controller.security.keys import KeyStore, Scope
+    from controller.security.keys_cli import operator
+
+    streams = EditStreams.from_url(settings.redis_url, settings.namespace)
+    try:
+        secret, _ = await KeyStore(streams.redis, settings.namespace).create("demo", [Scope.admin], operator())
+        return secret
+    finally:
+        await streams.close()
+
+
 async def _reset(settings: Settings) -> None:
+    """Start from nothing: the demo namespace in Redis and the demo's own weight store. A store the demo did not
+    create (no mark file, e.g. EDITQ_STORE_DIR pointing at a real deployment's) is refused, never deleted."""
+    store = settings.resolved_store_dir()
+    chosen = settings.store_dir is not None  # the default demo store under EDITQ_HOME is always the demo's own
+    if chosen and store.exists() and any(store.iterdir()) and not (store / DEMO_STORE_MARK).exists():
+        raise ForeignStoreError(
+            f"the weight store {store} was not created by the demo; refusing to reset it (unset EDITQ_STORE_DIR or "
+            "point it at an empty directory)"
+        )
     streams = EditStreams.from_url(settings.redis_url, settings.namespace)
     await streams.delete_namespace()
     await streams.close()
-    store = settings.resolved_store_dir()
     if store.exists():
         import shutil
 
         shutil.rmtree(store)
+    store.mkdir(parents=True)
+    (store / DEMO_STORE_MARK).write_text("written by `editq demo`; the demo resets this store on each run\n")
 
 
-async def _tier_answer(api_url: str, request: EditRequest, timeout_s: float = 30) -> tuple[str, float] | None:
+async def _tier_answer(api: DemoAPI, request: EditRequest, timeout_s: float = 30) -> tuple[str, float] | None:
     """The served answer once the retrieval tier holds the edit (seconds after submission), or None."""
     start = time.monotonic()
-    async with httpx.AsyncClient(timeout=120) as client:
+    async with httpx.AsyncClient(timeout=120, headers=api.headers) as client:
         while time.monotonic() - start < timeout_s:
             body = {"prompt": request.text, "max_tokens": 8, "temperature": 0}
-            payload = (await client.post(f"{api_url}/v1/completions", json=body)).json()
+            payload = (await client.post(f"{api.url}/v1/completions", json=body)).json()
             retrieved = payload.get("editq", {}).get("retrieved", [None])[0]
             if retrieved and retrieved["edit_id"] == request.edit_id:
                 return payload["choices"][0]["text"].strip(), time.monotonic() - start
@@ -146,7 +178,7 @@ async def _tier_answer(api_url: str, request: EditRequest, timeout_s: float = 30
 
 
 async def _stream_and_follow(settings: Settings, requests: list[EditRequest], cfg: DemoConfig,
-                             console: Console, api_url: str | None = None) -> dict[str, EditStatus | None]:
+                             console: Console, api: DemoAPI | None = None) -> dict[str, EditStatus | None]:
     """Submit in bursts while showing how many edits are queued, in flight and applied."""
     streams = EditStreams.from_url(settings.redis_url, settings.namespace)
     await streams.ensure_group()
@@ -166,8 +198,8 @@ async def _stream_and_follow(settings: Settings, requests: list[EditRequest], cf
                     sent = min(len(requests), sent + cfg.burst)
                     next_burst = time.monotonic() + cfg.burst_interval_s
                     bars.update(sent_bar, completed=sent)
-                    if first_burst and api_url and settings.retrieval_enabled:
-                        answer = await _tier_answer(api_url, requests[0])
+                    if first_burst and api and settings.retrieval_enabled:
+                        answer = await _tier_answer(api, requests[0])
                         if answer:
                             hit = requests[0].target_new.lower() in answer[0].lower()
                             verdict = ("[green]the new target[/]" if hit else "[yellow]not yet the new target[/] "
@@ -210,7 +242,7 @@ def _run(redis_url: str, settings: Settings, cfg: DemoConfig, console: Console, 
         "n_edit_workers": cfg.workers, "batch_max_wait_s": 2.0, "serving_replicas": cfg.replicas,
         "serving_replica_num_cpus": 0.5, "worker_num_cpus": 1.0, "api_port": _free_port(),
     })
-    console.print(f"redis {redis_url}{' (private, started for the demo)' if private_redis else ''}; "
+    console.print(f"redis {redacted_url(redis_url)}{' (private, started for the demo)' if private_redis else ''}; "
                   f"weight store {settings.resolved_store_dir()}")
     asyncio.run(_reset(settings))
     requests = load_edits(bundled_counterfact_path(), limit=cfg.n_edits).requests
@@ -233,12 +265,15 @@ def _run(redis_url: str, settings: Settings, cfg: DemoConfig, console: Console, 
         wait_ready(actor, run_ref, api.replicas if api else None, settings, console)
         startup_s, ready = time.monotonic() - started, True
         if api is not None:
+            if api.secret:
+                console.print(f"the API at {api.url} takes 'Authorization: Bearer <key>'; the demo's admin key: "
+                              f"{api.secret}")
             console.print(f"asking the served model through {api.url}/v1/completions ...")
             before = api.ask([r.text for r in shown])
         else:
             before = [(greedy(model, tokenizer, r.text), 0) for r in shown]
         start = time.perf_counter()
-        finals = asyncio.run(_stream_and_follow(settings, requests, cfg, console, api.url if api else None))
+        finals = asyncio.run(_stream_and_follow(settings, requests, cfg, console, api))
         seconds = time.perf_counter() - start
         status = ray.get(actor.status.remote(), timeout=60)
         after = api.ask([r.text for r in shown], min_version=status.live) if api is not None else None

@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from redis.exceptions import RedisError
 from rich.live import Live
 from rich.table import Table
 
 from controller.cli_common import console, err_console, fail
 from shared.schemas import EditRequest
-from shared.settings import Settings
+from shared.settings import Settings, redacted_url
 from shared.streams import EditStreams
 
 
@@ -62,8 +63,8 @@ def submit(
 
     try:
         results = asyncio.run(go())
-    except OSError as err:
-        fail(f"cannot reach Redis at {settings.redis_url}: {err}")
+    except (OSError, RedisError) as err:
+        fail(f"cannot reach Redis at {redacted_url(settings.redis_url)}: {err}")
     for r in results:
         tag = "[yellow]duplicate[/]" if r.duplicate else "[green]queued[/]"
         console.print(f"{tag} {r.edit_id} ({r.state.value})")
@@ -145,6 +146,7 @@ def up(
     import ray
 
     from controller.runtime import RedisUnavailableError, ensure_redis, init_ray, start_controller, stop_controller
+    from controller.security.keys_cli import terminal_key
 
     settings = Settings()
     try:
@@ -157,8 +159,12 @@ def up(
     settings = settings.model_copy(update=overrides)
     init_ray()
     actor, run_ref = start_controller(settings)
-    console.print(f"controller running (redis {redis.url}, namespace {settings.namespace}, "
+    console.print(f"controller running (redis {redacted_url(redis.url)}, namespace {settings.namespace}, "
                   f"{settings.n_edit_workers} edit worker(s), store {settings.resolved_store_dir()})")
+    if api and (secret := asyncio.run(terminal_key(settings))):
+        console.print(f"API key for you (admin, shown once): [bold]{secret}[/]\n"
+                      f"  export EDITQ_API_KEY={secret}   # editq query uses it; HTTP clients send "
+                      "'Authorization: Bearer <key>'")
     try:
         if api:
             import uvicorn
@@ -204,14 +210,14 @@ def compact() -> None:
     async def go() -> None:
         streams = EditStreams.from_url(settings.redis_url, settings.namespace, settings.stream_maxlen)
         try:
-            await request_compaction(streams, getpass.getuser())
+            await request_compaction(streams, f"cli:{getpass.getuser()}")
         finally:
             await streams.close()
 
     try:
         asyncio.run(go())
-    except OSError as err:
-        fail(f"cannot reach Redis at {settings.redis_url}: {err}")
+    except (OSError, RedisError) as err:
+        fail(f"cannot reach Redis at {redacted_url(settings.redis_url)}: {err}")
     console.print("compaction requested: the controller runs it between batches")
 
 

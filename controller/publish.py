@@ -158,7 +158,7 @@ class Publisher:
             await self._follow(version)
             return "live"
         live = await self.streams.live()
-        earlier = self._chain(self._parent(version), live)
+        earlier = self.chain(self._parent(version), live)
         groups = [(m.version, m.edit_ids) for m in earlier] + [(version, ids)]  # each edit keeps its own version
         all_missed = {*missed, *(e for m in earlier for e in m.missed_edit_ids)}
         earlier_ids = [e for m in earlier for e in m.edit_ids]
@@ -197,14 +197,15 @@ class Publisher:
             recorded += await self._finish(edit_ids, EditState.rolled_back, number, ReasonCode.rollout,
                                            self.retrieval_note(reason))
         old_head = await self.streams.revert_head_to(previous)
-        for manifest in self._chain(old_head, version):  # built on the refused version: never to be served
+        built_on = self.chain(old_head, version)  # committed on the refused version: never to be served
+        for manifest in built_on:
             recorded += await self._finish(
                 manifest.edit_ids, EditState.rolled_back, manifest.version, ReasonCode.rollout,
                 self.retrieval_note(f"built on version {version}, which was rolled back ({reason})"),
             )
-        for number in range(previous + 1, max(old_head, version) + 1):
-            if number != version:  # the rollout manager marked the refused one itself
-                await self.streams.set_version_status(number, "rolled_back")
+        # Rolled-back versions keep their numbers and files (history); only their status says they left the lineage.
+        for number in sorted(({n for n, _ in groups} | {m.version for m in built_on}) - {version}):
+            await self.streams.set_version_status(number, "rolled_back")
         self.metrics.inc("editq_outcomes", recorded, state=EditState.rolled_back.value)
         self.pending = None
         log.error("version %d rolled back (%s); head %d back to %d", version, reason, old_head, previous)
@@ -216,7 +217,7 @@ class Publisher:
         except StoreError:
             return version - 1  # a version without manifest (tests) sits on its predecessor
 
-    def _chain(self, top: int, floor: int) -> list[VersionManifest]:
+    def chain(self, top: int, floor: int) -> list[VersionManifest]:
         """Manifests of the versions above ``floor`` up to ``top`` along ``top``'s lineage, oldest first."""
         chain: list[VersionManifest] = []
         while top > floor:

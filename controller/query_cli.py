@@ -42,8 +42,10 @@ def query(
     body.update({"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt})
     if min_version is not None:
         body["min_version"] = min_version
+    key = Settings().api_key
+    headers = {"Authorization": f"Bearer {key.get_secret_value()}"} if key else {}
     try:
-        with httpx.Client(timeout=timeout) as client:
+        with httpx.Client(timeout=timeout, headers=headers) as client:
             if stream:
                 _stream(client, base + path, body, chat)
                 return
@@ -73,6 +75,8 @@ def _json_or_exit(response: httpx.Response) -> dict:
     if response.status_code != 200:
         message = data.get("error", {}).get("message") if isinstance(data.get("error"), dict) else data
         err_console.print(f"[bold red]error {response.status_code}:[/] {message or data.get('detail')}")
+        if response.status_code == 401:
+            err_console.print("set EDITQ_API_KEY to a key with the 'query' scope (editq keys create NAME)")
         raise typer.Exit(code=1)
     return data
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -104,6 +105,12 @@ def load_control_facts(settings: ServingSettings) -> list[ControlFact]:
     else:
         facts = list(BUILTIN_CONTROL_FACTS)
     return facts[: settings.serving_control_facts_n]
+
+
+def mentions(text: str, subject: str) -> bool:
+    """``subject`` as whole words in ``text`` (case-insensitive): 'Iran' does not mention 'ran', so a short subject
+    cannot empty the control-fact gate."""
+    return re.search(rf"(?<!\w){re.escape(subject.strip())}(?!\w)", text, re.IGNORECASE) is not None
 
 
 def contains(text: str, answer: str) -> bool:
@@ -187,8 +194,8 @@ class RolloutManager:
 
     def _facts(self, probes: Sequence[EditProbe]) -> list[ControlFact]:
         """Control facts, minus those about a subject this version edits (they are meant to change)."""
-        subjects = [p.subject.lower() for p in probes if p.subject]
-        return [f for f in self.control_facts if not any(s in f.prompt.lower() for s in subjects)]
+        subjects = [p.subject for p in probes if p.subject]
+        return [f for f in self.control_facts if not any(mentions(f.prompt, s) for s in subjects)]
 
     # ---- deploy ---------------------------------------------------------------------------------------------
     async def deploy(self, version: int, probes: Sequence[EditProbe] = ()) -> RolloutResult:

@@ -22,7 +22,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from controller.service import Controller
-from shared.settings import Settings
+from shared.settings import Settings, redacted_url
 
 log = logging.getLogger("editq.runtime")
 
@@ -66,11 +66,11 @@ def ensure_redis(settings: Settings) -> RedisHandle:
     if redis_answers(settings.redis_url):
         return RedisHandle(settings.redis_url)
     if explicit:
-        raise RedisUnavailableError(f"EDITQ_REDIS_URL={settings.redis_url} does not answer PING")
+        raise RedisUnavailableError(f"EDITQ_REDIS_URL={redacted_url(settings.redis_url)} does not answer PING")
     binary = shutil.which("redis-server")
     if binary is None:
         raise RedisUnavailableError(
-            f"no Redis answers at {settings.redis_url} and no redis-server is installed: install Redis 7 "
+            f"no Redis answers at {redacted_url(settings.redis_url)} and no redis-server is installed: install Redis 7 "
             "(e.g. `apt-get install redis-server` or `docker run -p 6379:6379 redis:7`) or set EDITQ_REDIS_URL"
         )
     workdir = tempfile.mkdtemp(prefix="editq-redis-")

@@ -19,12 +19,22 @@ from datetime import UTC, datetime
 from pydantic import BaseModel
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
+from controller import operations
 from controller.batching import Batcher
 from controller.compaction import Compactor
 from controller.janitor import dead_letter_if_poison, sweep
 from controller.pool import EditWorkerPool
 from controller.publish import Publisher, count_routes
-from controller.verdicts import HeadRevertedError, StaleHeadError, Verdicts, describe, is_out_of_memory, retryable
+from controller.verdicts import (
+    HeadRevertedError,
+    InfrastructureError,
+    StaleHeadError,
+    Verdicts,
+    describe,
+    is_infrastructure,
+    is_out_of_memory,
+    retryable,
+)
 from shared.jobs import WorkerInfo
 from shared.metrics import Metrics, default_metrics
 from shared.outcomes import EditOutcome, EditState, ReasonCode, Route
@@ -98,7 +108,7 @@ class Controller:
                 with contextlib.suppress(Exception):
                     await self.streams.recover(err)
         await self.publisher.stop()
-        if self._state in ("running", "waiting for replicas"):
+        if self._state in ("running", "waiting for replicas", "paused"):
             self._state = "stopped"
         return await self.status()
 
@@ -190,6 +200,10 @@ class Controller:
         s = self.settings
         if self.publisher.rollout is not None and await self._rollout_waiting():
             return
+        if await operations.paused(self.streams):  # an operator stopped intake: edits wait in the queue
+            self._state = "paused"
+            await asyncio.sleep(0.5)
+            return
         self._state = "running"
         due = self.batcher.seconds_until_due()
         if len(self.batcher) < 2 * s.batch_max_size and due != 0.0:
@@ -218,7 +232,7 @@ class Controller:
         the head when replicas are slow or down.
         """
         await self.publisher.ensure_rolling()
-        behind = await self.streams.head() - await self.streams.live()
+        behind = len(self.publisher.chain(await self.streams.head(), await self.streams.live()))
         if behind < self.settings.rollout_max_pending_versions:
             return False
         self._state = "waiting for replicas"
@@ -276,6 +290,14 @@ class Controller:
                 await self.verdicts.decline(batch, ReasonCode.capacity, spent)
             else:
                 await self._apply(batch)
+        except InfrastructureError as err:
+            # The batch goes back to the front of the queue, its edits back to `queued`; the loop backs off and
+            # retries it (the stream entries stay pending under this consumer, so nothing is re-delivered).
+            self.batcher.put_back(batch)
+            with contextlib.suppress(Exception):
+                await self.streams.mark([e.edit_id for e in batch], EditState.in_flight, EditState.queued)
+            log.warning("batch of %d waits: infrastructure failure (%s)", len(batch), err)
+            raise
         finally:
             self._in_flight = set()
 
@@ -299,6 +321,9 @@ class Controller:
             await self.verdicts.reject(entries, rejection)
             return
         except Exception as err:
+            if is_infrastructure(err) and not is_out_of_memory(err):  # not the edits' fault: never split or fail
+                self.metrics.inc("editq_batch_failures", reason="infrastructure")
+                raise InfrastructureError(describe(err)) from err
             error = err
             self._last_error = describe(err)
             reason = "out_of_memory" if is_out_of_memory(err) else "worker_error"
@@ -315,7 +340,7 @@ class Controller:
     async def _commit(self, entries: list[StreamEntry]) -> None:
         requests = [e.request for e in entries]
         head = await self.streams.head()
-        version = head + 1
+        version = await self.streams.next_version(max(self.store.versions(), default=0))
         t0 = time.perf_counter()
         try:
             result = await self.pool.edit(head, version, requests)
@@ -330,7 +355,11 @@ class Controller:
             metrics={**result.metrics, **{f"seconds_{k}": v for k, v in result.seconds.items()}},
             missed_edit_ids=result.missed_edit_ids, reference=result.reference, edits=requests,
         )
-        self.store.put(manifest, result.deltas, result.aux)
+        try:
+            self.store.put(manifest, result.deltas, result.aux)
+        except BaseException:  # the workers hold the uncommitted version: bring them back to the head
+            await self._resync(head)
+            raise
         state, missed = self.publisher.commit_state, set(result.missed_edit_ids)
         finished = [
             Finished(

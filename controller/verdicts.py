@@ -12,7 +12,7 @@ from shared.metrics import Metrics
 from shared.outcomes import EditOutcome, EditState, ReasonCode
 from shared.settings import Settings
 from shared.streams import EditStreams, Finished, StreamEntry
-from shared.weight_store import WeightStore
+from shared.weight_store import StoreError, WeightStore
 from workers.guards import GuardRejection
 
 log = logging.getLogger("editq.verdicts")
@@ -24,6 +24,23 @@ class StaleHeadError(RuntimeError):
 
 class HeadRevertedError(RuntimeError):
     """The version a batch was computed on was rolled back meanwhile: recompute the batch on the served head."""
+
+
+class InfrastructureError(RuntimeError):
+    """The store, Redis or a worker failed, not the edits: the batch goes back to the queue and waits (never a
+    terminal outcome for an accepted edit)."""
+
+
+def is_infrastructure(err: BaseException) -> bool:
+    """A disk, store, connection or worker-process failure (Ray wraps a worker's exception: look at its cause)."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    cause = getattr(err, "cause", None) or err
+    kinds = (OSError, StoreError, RedisConnectionError, RedisTimeoutError, RayActorError, ActorDiedError,
+             ActorUnavailableError)
+    return isinstance(cause, kinds) or isinstance(err, kinds)
 
 
 def retryable(err: BaseException) -> bool:

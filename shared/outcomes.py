@@ -88,4 +88,5 @@ class SubmitResult(BaseModel):
     edit_id: str
     state: EditState
     duplicate: bool = False
+    conflict: bool = Field(default=False, description="The id was known with other content (the door answers 409).")
     stream_id: str | None = None

@@ -7,6 +7,7 @@ submitting corrections.
 from __future__ import annotations
 
 import hashlib
+import re
 import unicodedata
 from datetime import UTC, datetime
 from typing import Annotated
@@ -18,6 +19,13 @@ MAX_SUBJECT_CHARS = 200
 MAX_PROMPT_CHARS = 500
 MAX_TARGET_CHARS = 200
 MAX_PROBES = 32
+MIN_SUBJECT_CHARS = 2
+BIDI_CONTROLS = frozenset("\u200e\u200f\u061c\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+STOPWORDS = frozenset({
+    "a", "an", "and", "are", "as", "at", "be", "but", "by", "for", "from", "has", "have", "he", "her", "his", "i",
+    "in", "is", "it", "its", "of", "on", "or", "she", "that", "the", "their", "them", "they", "this", "to", "was",
+    "were", "which", "who", "with", "you",
+})
 
 
 def _check_text(value: str) -> str:
@@ -29,7 +37,26 @@ def _check_text(value: str) -> str:
     bad = [c for c in value if unicodedata.category(c) == "Cc" and c not in "\t\n"]
     if bad:
         raise ValueError(f"contains control character {bad[0]!r}")
+    bidi = [c for c in value if c in BIDI_CONTROLS]
+    if bidi:  # text that renders differently from what the model reads (Trojan Source)
+        raise ValueError(f"contains bidirectional control character U+{ord(bidi[0]):04X}")
     return value
+
+
+def _check_subject(value: str) -> str:
+    """A subject must name something: not a stopword or a stray letter, which would match inside other text."""
+    named = any(c.isalnum() for c in value) and (len(value) >= MIN_SUBJECT_CHARS or value.isupper() or value.isdigit())
+    if not named:  # a lone capital or digit can be a name (CounterFact has 'Q'); 'e' or '-' cannot
+        raise ValueError(f"must have at least {MIN_SUBJECT_CHARS} characters with a letter or digit (or be one "
+                         f"capital letter or digit); got {value!r}")
+    if value.lower() in STOPWORDS:
+        raise ValueError(f"is a stopword ({value!r}), not a subject")
+    return value
+
+
+def subject_pattern(subject: str) -> re.Pattern[str]:
+    """The subject as whole words (so 'ran' is not found inside 'Iran')."""
+    return re.compile(rf"(?<!\w){re.escape(subject)}(?!\w)")
 
 
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
@@ -86,14 +113,16 @@ class EditRequest(BaseModel):
 
     @model_validator(mode="after")
     def _subject_in_prompt(self) -> EditRequest:
+        _check_subject(self.subject)
         slots = self.prompt.count(SUBJECT_SLOT)
         if slots == 0:
-            if self.subject not in self.prompt:
+            found = subject_pattern(self.subject).search(self.prompt)
+            if found is None:
                 raise ValueError(
-                    f"prompt must contain '{{}}' for the subject or the subject {self.subject!r} itself; "
-                    f"got {self.prompt!r}"
+                    f"prompt must contain '{{}}' for the subject or the subject {self.subject!r} itself as whole "
+                    f"words; got {self.prompt!r}"
                 )
-            self.prompt = self.prompt.replace(self.subject, SUBJECT_SLOT, 1)
+            self.prompt = self.prompt[: found.start()] + SUBJECT_SLOT + self.prompt[found.end():]
         elif slots > 1:
             raise ValueError(f"prompt must contain '{{}}' exactly once; got {slots} in {self.prompt!r}")
         if self.prompt.strip() == SUBJECT_SLOT:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -42,7 +43,11 @@ class Settings(BaseSettings):
     )
 
     # --- queue (Redis Streams) --------------------------------------------------------------------------------
-    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Redis holding streams and state.")
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0", repr=False,
+        description="Redis holding streams and state; may carry a password (redis://:PASS@host/0, rediss:// for "
+        "TLS), so it is a secret: never printed (see redacted_url).",
+    )
     namespace: str = Field(
         default="editq", description="Prefix of every Redis key, so several deployments (or tests) share a server."
     )
@@ -267,9 +272,36 @@ class Settings(BaseSettings):
         default=0, ge=0, description="Prompts generated per version for fluency (0: fluency not scored per version)."
     )
 
-    # --- HTTP API ---------------------------------------------------------------------------------------------
+    # --- HTTP API and who may use it (controller/security) ------------------------------------------------------
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    auth: bool = Field(
+        default=True, description="Every route but /healthz needs a bearer API key (`editq keys create`) or an "
+        "OIDC token with the route's scope. Off only for a private test rig.",
+    )
+    rate_limit: str = Field(
+        default="20/second;600/minute", description="Requests per API key (`limits` notation, moving window in "
+        "Redis, shared by every API process); a key's own limit overrides it.",
+    )
+    edit_quota: str = Field(
+        default="10000/day", description="Edits a key may submit (each item of a list counts).",
+    )
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, description="Largest request body (413 above it).")
+    max_edits_per_request: int = Field(default=1000, ge=1, description="Longest list of edits in one POST.")
+    metrics_public: bool = Field(
+        default=False, description="Serve /metrics without a key (otherwise Prometheus sends one with the "
+        "`metrics` scope, deploy/prometheus).",
+    )
+    api_docs: bool = Field(default=True, description="Serve /docs and /openapi.json (they hold no secrets).")
+    oidc_jwks_url: str | None = Field(
+        default=None, description="JWKS of an OIDC issuer: its RS256/ES256 tokens are accepted beside API keys.",
+    )
+    oidc_issuer: str | None = None
+    oidc_audience: str | None = None
+    oidc_scope_claim: str = Field(default="scope", description="Claim holding the granted scopes (space-separated).")
+    api_key: SecretStr | None = Field(
+        default=None, description="Client side: the API key `editq query` sends (never printed or logged).",
+    )
 
     @property
     def models_dir(self) -> Path:
@@ -306,6 +338,16 @@ class Settings(BaseSettings):
     def served_model_name(self) -> str:
         """Model id the OpenAI-compatible API reports."""
         return self.serving_model_name or self.resolved_model_path().name
+
+
+def redacted_url(url: str) -> str:
+    """A URL fit for logs and errors: any password (and user name) replaced."""
+    parts = urlsplit(url)
+    if parts.password is None and parts.username is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 @lru_cache(maxsize=1)

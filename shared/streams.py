@@ -27,89 +27,13 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from shared.outcomes import TERMINAL_STATES, EditOutcome, EditState, EditStatus, ReasonCode, SubmitResult
+from shared import stream_scripts as lua
+from shared.audit import AuditAction, AuditEntry, AuditTrail, audit_key
+from shared.outcomes import EditOutcome, EditState, EditStatus, ReasonCode, SubmitResult
 from shared.schemas import EditRequest
 
 GROUP = "controller"  # the parametric pipeline
 RETRIEVAL_GROUP = "retrieval"  # the retrieval-tier indexer: a second, independent reader of every edit
-_TERMINAL_LUA = "{" + ", ".join(f"['{s.value}']=true" for s in TERMINAL_STATES) + "}"
-
-_SUBMIT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return {0, redis.call('HGET', KEYS[1], 'state'), redis.call('HGET', KEYS[1], 'stream_id') or ''}
-end
-local id = redis.call('XADD', KEYS[2], '*', 'edit_id', ARGV[1], 'request', ARGV[2])
-redis.call('HSET', KEYS[1], 'edit_id', ARGV[1], 'state', 'queued', 'stream_id', id, 'request', ARGV[2],
-           'submitted_at', ARGV[3], 'updated_at', ARGV[3])
-return {1, 'queued', id}
-"""
-
-# KEYS: edits, outcomes, head, version-hash, edit hashes...   ARGV: group, expect_head, new_head, now, maxlen,
-# version_fields_json, n, then per edit: stream_id, edit_id, state, version, reason_code, reason, served_by,
-# outcome_json
-_FINISH = """
-local terminal = TERMINAL
-if ARGV[2] ~= '' then
-  local head = redis.call('GET', KEYS[3]) or '0'
-  if head ~= ARGV[2] then return -1 end
-end
-if ARGV[3] ~= '' then
-  redis.call('SET', KEYS[3], ARGV[3])
-  local fields = cjson.decode(ARGV[6])
-  for k, v in pairs(fields) do redis.call('HSET', KEYS[4], k, tostring(v)) end
-end
-local recorded = 0
-local n = tonumber(ARGV[7])
-for i = 1, n do
-  local b = 7 + (i - 1) * 8
-  local key = KEYS[4 + i]
-  local current = redis.call('HGET', key, 'state')
-  if not (current and terminal[current]) then
-    redis.call('HSET', key, 'edit_id', ARGV[b + 2], 'state', ARGV[b + 3], 'version', ARGV[b + 4],
-               'reason_code', ARGV[b + 5], 'reason', ARGV[b + 6], 'served_by', ARGV[b + 7], 'updated_at', ARGV[4])
-    if terminal[ARGV[b + 3]] then
-      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'edit_id', ARGV[b + 2], 'state', ARGV[b + 3],
-                 'outcome', ARGV[b + 8])
-    end
-    recorded = recorded + 1
-  end
-  if ARGV[b + 1] ~= '' then redis.call('XACK', KEYS[1], ARGV[1], ARGV[b + 1]) end
-end
-return recorded
-""".replace("TERMINAL", _TERMINAL_LUA)
-
-# KEYS: edits, dlq   ARGV: group, stream_id, maxlen, then field/value pairs for the dead letter
-_DEAD_LETTER = """
-local fields = {}
-for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(fields))
-return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-"""
-
-# KEYS: head   ARGV: expected head, new head -- move the head back only if nobody moved it meanwhile
-_REVERT_HEAD = """
-if (redis.call('GET', KEYS[1]) or '0') ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[2])
-return 1
-"""
-
-_REVERT_HEAD_TO = """
-local head = tonumber(redis.call('GET', KEYS[1]) or '0')
-if head > tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
-return head
-"""
-
-_MARK_IN_FLIGHT = """
-local marked = 0
-for i = 1, #KEYS do
-  if redis.call('HGET', KEYS[i], 'state') == 'queued' then
-    redis.call('HSET', KEYS[i], 'state', 'in_flight', 'updated_at', ARGV[1])
-    marked = marked + 1
-  end
-end
-return marked
-"""
-
 
 @dataclass(frozen=True)
 class StreamEntry:
@@ -170,12 +94,16 @@ class EditStreams:
         self.live_key = f"{tag}:live"
         self._edit_prefix = f"{tag}:edit:"
         self._version_prefix = f"{tag}:version:"
-        self._submit = redis.register_script(_SUBMIT)
-        self._finish = redis.register_script(_FINISH)
-        self._dead_letter = redis.register_script(_DEAD_LETTER)
-        self._mark = redis.register_script(_MARK_IN_FLIGHT)
-        self._revert = redis.register_script(_REVERT_HEAD)
-        self._revert_to = redis.register_script(_REVERT_HEAD_TO)
+        self.audit_key = audit_key(namespace)
+        self.version_seq_key = f"{tag}:version_seq"
+        self.audit = AuditTrail(redis, namespace)
+        self._submit = redis.register_script(lua.SUBMIT)
+        self._finish = redis.register_script(lua.FINISH)
+        self._dead_letter = redis.register_script(lua.DEAD_LETTER)
+        self._mark = redis.register_script(lua.MARK)
+        self._revert = redis.register_script(lua.REVERT_HEAD)
+        self._revert_to = redis.register_script(lua.REVERT_HEAD_TO)
+        self._next_version = redis.register_script(lua.NEXT_VERSION)
 
     @classmethod
     def from_url(cls, url: str, namespace: str = "editq", outcome_maxlen: int = 1_000_000) -> EditStreams:
@@ -205,15 +133,25 @@ class EditStreams:
             await self.ensure_group(group)
 
     # ---- the door ---------------------------------------------------------------------------------------------
-    async def submit(self, request: EditRequest) -> SubmitResult:
-        """Queue a validated edit once; an ``edit_id`` seen before is answered with its current state."""
+    async def submit(self, request: EditRequest, principal: str | None = None) -> SubmitResult:
+        """Queue a validated edit once; an ``edit_id`` seen before is answered with its current state, and flagged
+        ``conflict`` when the earlier request said something else (an id reused for other content).
+
+        ``principal`` (who submits, for the audit trail) defaults to the request's ``source``."""
         assert request.edit_id is not None  # set by EditRequest's validator
-        created, state, stream_id = await self._submit(
-            keys=[self.edit_key(request.edit_id), self.edits_key],
-            args=[request.edit_id, request.model_dump_json(), _now()],
+        created, state, stream_id, stored = await self._submit(
+            keys=[self.edit_key(request.edit_id), self.edits_key, self.audit_key],
+            args=[request.edit_id, request.model_dump_json(), _now(), principal or request.source],
         )
+        conflict = False
+        if not int(created) and stored:
+            try:
+                conflict = EditRequest.model_validate_json(stored).content_key() != request.content_key()
+            except ValidationError:
+                conflict = True
         return SubmitResult(
-            edit_id=request.edit_id, state=EditState(state), duplicate=not int(created), stream_id=stream_id or None
+            edit_id=request.edit_id, state=EditState(state), duplicate=not int(created), stream_id=stream_id or None,
+            conflict=conflict,
         )
 
     # ---- the consumer -----------------------------------------------------------------------------------------
@@ -268,9 +206,14 @@ class EditStreams:
         return int(await self.redis.xack(self.edits_key, group, *stream_ids)) if stream_ids else 0
 
     async def mark_in_flight(self, edit_ids: Sequence[str]) -> int:
+        return await self.mark(edit_ids, EditState.queued, EditState.in_flight)
+
+    async def mark(self, edit_ids: Sequence[str], from_state: EditState, to_state: EditState) -> int:
+        """Move edits still in ``from_state`` to ``to_state`` (never touches a terminal outcome)."""
         if not edit_ids:
             return 0
-        return int(await self._mark(keys=[self.edit_key(e) for e in edit_ids], args=[_now()]))
+        args = [_now(), from_state.value, to_state.value]
+        return int(await self._mark(keys=[self.edit_key(e) for e in edit_ids], args=args))
 
     async def finish(
         self,
@@ -278,6 +221,7 @@ class EditStreams:
         expect_head: int | None = None,
         new_head: int | None = None,
         version_fields: dict | None = None,
+        principal: str = "controller",
     ) -> int:
         """Record outcomes, acknowledge their entries and (optionally) commit a version, atomically.
 
@@ -288,9 +232,9 @@ class EditStreams:
         """
         args: list[str] = [
             GROUP, "" if expect_head is None else str(expect_head), "" if new_head is None else str(new_head),
-            _now(), str(self.maxlen), json.dumps(version_fields or {}), str(len(finished)),
+            _now(), str(self.maxlen), json.dumps(version_fields or {}), str(len(finished)), principal,
         ]
-        keys = [self.edits_key, self.outcomes_key, self.head_key, self.version_key(new_head or 0)]
+        keys = [self.edits_key, self.outcomes_key, self.head_key, self.version_key(new_head or 0), self.audit_key]
         for item in finished:
             o = item.outcome
             keys.append(self.edit_key(o.edit_id))
@@ -348,8 +292,16 @@ class EditStreams:
         raw = await pipe.execute()
         return {e: EditRequest.model_validate_json(r) for e, r in zip(edit_ids, raw, strict=True) if r}
 
-    async def set_version_status(self, version: int, status: str) -> None:
+    async def set_version_status(self, version: int, status: str, principal: str = "controller") -> None:
         await self.redis.hset(self.version_key(version), mapping={"status": status, "updated_at": _now()})
+        if status == "rolled_back":
+            await self.audit.append(AuditEntry(action=AuditAction.version_rolled_back, principal=principal,
+                                               version=version))
+
+    async def next_version(self, floor: int = 0) -> int:
+        """A fresh version number: above every number handed out before, the head and ``floor`` (the store's
+        newest), so a rolled-back version's number and files are never reused."""
+        return int(await self._next_version(keys=[self.version_seq_key, self.head_key], args=[str(floor)]))
 
     async def version_info(self, version: int) -> dict[str, str]:
         return await self.redis.hgetall(self.version_key(version))

@@ -174,16 +174,17 @@ class LocalWeightStore:
             tensors.update(delta.to_tensors())
         for key, value in aux.items():
             tensors[f"aux::{key}"] = value.detach().cpu().contiguous()
+        final = self._dir(manifest.version)
+        if final.exists():  # history is never rewritten: a version number, once written, keeps its files
+            raise StoreError(f"version {manifest.version} already exists in the store at {self.root}")
         tmp = Path(tempfile.mkdtemp(prefix=f".v{manifest.version:08d}-", dir=self.root))
         save_file(tensors, str(tmp / "delta.safetensors"))
         manifest = manifest.model_copy(update={"delta_sha256": _file_sha256(tmp / "delta.safetensors")})
         (tmp / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
-        final = self._dir(manifest.version)
-        if final.exists():  # an orphan from a crash before its commit: the committed lineage never includes it
-            stale = final.with_name(f".stale-{final.name}-{os.getpid()}-{datetime.now(UTC).timestamp():.0f}")
-            final.rename(stale)
-            _rmtree(stale)
+        for path in (tmp / "delta.safetensors", tmp / "manifest.json", tmp):
+            _fsync(path)  # durable before it becomes visible: a power cut never leaves a torn committed version
         tmp.rename(final)
+        _fsync(self.root)
 
     def manifest(self, version: int) -> VersionManifest:
         path = self._dir(version) / "manifest.json"
@@ -265,10 +266,12 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _rmtree(path: Path) -> None:
-    for child in path.iterdir():
-        child.unlink()
-    path.rmdir()
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def manifest_json(manifest: VersionManifest) -> str:

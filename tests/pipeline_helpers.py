@@ -7,6 +7,7 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx
 from redis import Redis
 
 from shared.outcomes import EditOutcome, EditState
@@ -107,7 +108,30 @@ class ServedAPI:
         deadline = time.monotonic() + 30
         while not self.server.started and time.monotonic() < deadline:
             time.sleep(0.05)
+        self.secret = admin_key(settings, "pipeline-test")
+        self.headers = {"Authorization": f"Bearer {self.secret}"}
+        self.client = httpx.Client(base_url=self.url, headers=self.headers, timeout=120)
 
     def close(self) -> None:
+        self.client.close()
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def admin_key(settings: Settings, name: str) -> str:
+    """A fresh admin API key in ``settings``' namespace (the real key store on the real Redis)."""
+    import asyncio
+
+    from redis.asyncio import Redis as AsyncRedis
+
+    from controller.security.keys import KeyStore, Scope
+
+    async def go() -> str:
+        redis = AsyncRedis.from_url(settings.redis_url, decode_responses=True)
+        try:
+            secret, _ = await KeyStore(redis, settings.namespace).create(name, [Scope.admin], "tests")
+            return secret
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(go())

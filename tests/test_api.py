@@ -10,12 +10,14 @@ from redis import Redis
 
 from controller.api import create_app
 from shared.settings import Settings
+from tests.pipeline_helpers import admin_key
 
 
 @pytest.fixture
 def client(redis_url, tmp_path):
     settings = Settings(redis_url=redis_url, namespace=f"test-{uuid.uuid4().hex[:10]}", home=tmp_path)
-    with TestClient(create_app(settings)) as c:
+    headers = {"Authorization": f"Bearer {admin_key(settings, 'tester')}"}
+    with TestClient(create_app(settings), headers=headers) as c:
         yield c, settings
     r = Redis.from_url(redis_url)
     for key in r.scan_iter(match="{" + settings.namespace + "}:*"):
@@ -58,5 +60,5 @@ def test_metrics_endpoint_exposes_queue_state(client) -> None:
     c, _ = client
     c.post("/v1/edits", json={"subject": "Acme", "prompt": "The CEO of {} is", "target_new": "Jane"})
     text = c.get("/metrics").text
-    assert 'editq_edits_submitted_total{source="api"} 1.0' in text
+    assert 'editq_edits_submitted_total{source="tester"} 1.0' in text
     assert "editq_queue_lag_entries 1.0" in text and "editq_weight_version 0.0" in text

@@ -25,3 +25,31 @@ def test_kuberay_manifests_parse_and_configmap_matches_settings(monkeypatch) -> 
         monkeypatch.setenv(key, value)
     settings = Settings()
     assert settings.worker_resources == {"edit": 1.0} and settings.n_edit_workers == 2
+
+
+def _containers(cluster: dict) -> list[dict]:
+    groups = [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def test_kuberay_is_locked_down() -> None:
+    docs = [d for f in sorted((DEPLOY / "kuberay").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+    kinds = [d["kind"] for d in docs]
+    assert kinds.count("NetworkPolicy") >= 2 and kinds.count("Secret") >= 2
+    cluster = next(d for d in docs if d["kind"] == "RayCluster")
+    head = cluster["spec"]["headGroupSpec"]
+    assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    exposed = {p["containerPort"] for c in _containers(cluster) for p in c.get("ports", [])}
+    assert not exposed & {8265, 10001}  # no dashboard/Jobs API and no Ray Client port
+    for container in _containers(cluster):
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert env["RAY_AUTH_MODE"]["value"] == "token", container["name"]
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "editq-ray"
+        assert env["EDITQ_REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == "editq-redis"
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    assert "EDITQ_REDIS_URL" not in config and config["EDITQ_AUTH"] == "true"
+    redis = next(d for d in docs if d["kind"] == "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+    assert "--requirepass" in redis["args"]
+    policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "NetworkPolicy"}
+    redis_from = policies["editq-redis"]["spec"]["ingress"][0]["from"]
+    assert redis_from == [{"podSelector": {"matchLabels": {"app": "editq"}}}]

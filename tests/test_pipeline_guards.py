@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 
-import httpx
 import pytest
 
 from controller.runtime import start_controller, stop_controller
@@ -45,34 +44,34 @@ def _gauges(text: str, name: str) -> dict[str, float]:
 def served_api(redis_url, tiny_model_dir, tmp_path):
     settings = pipeline_settings(tmp_path, tiny_model_dir, redis_url, batch_max_size=3)
     api = ServedAPI(settings)
-    yield settings, api.url
+    yield settings, api
     api.close()
     Probe(settings).cleanup()
 
 
 def test_metrics_endpoint_shows_collapse_gauges_move(ray_session, served_api) -> None:
-    settings, url = served_api
+    settings, api = served_api
     probe = Probe(settings)
-    before = httpx.get(f"{url}/metrics").text
+    before = api.client.get("/metrics").text
     assert "editq_weight_version 0.0" in before and not _gauges(before, "editq_relative_drift_ratio")
 
     requests = tiny_requests(6)
 
     def post(batch) -> None:  # through the real HTTP door
         for request in batch:
-            assert httpx.post(f"{url}/v1/edits", json=json.loads(request.model_dump_json())).status_code == 202
+            assert api.client.post("/v1/edits", json=json.loads(request.model_dump_json())).status_code == 202
 
     post(requests[:3])
     actor, run_ref = start_controller(settings)
     try:
         probe.wait_terminal([r.edit_id for r in requests[:3]])
-        first = httpx.get(f"{url}/metrics").text
+        first = api.client.get("/metrics").text
         assert "editq_weight_version 1.0" in first
         post(requests[3:])
         probe.wait_terminal([r.edit_id for r in requests])
     finally:
         stop_controller(actor, run_ref)
-    after = httpx.get(f"{url}/metrics").text
+    after = api.client.get("/metrics").text
     assert probe.head() == 2 and "editq_weight_version 2.0" in after
     drift_1, drift_2 = _gauges(first, "editq_relative_drift_ratio"), _gauges(after, "editq_relative_drift_ratio")
     assert set(drift_2) == {"1", "2"} and all(v > 0 for v in drift_2.values())

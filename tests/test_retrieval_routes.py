@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 import uuid
 
-import httpx
 import pytest
 
 from controller.runtime import start_controller, stop_controller
@@ -56,7 +55,7 @@ def _phase(system, **overrides) -> Settings:
     system["controller"] = start_controller(settings)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
-        replicas = httpx.get(f"{system['api'].url}/v1/versions", timeout=30).json()["replicas"]
+        replicas = system['api'].client.get("/v1/versions", timeout=30).json()["replicas"]
         if replicas and all(r["state"] == "ready" for r in replicas):
             return settings
         time.sleep(1)
@@ -65,7 +64,7 @@ def _phase(system, **overrides) -> Settings:
 
 def _ask(system, prompt: str, min_version: int | None = None) -> tuple[str, str | None]:
     body = {"prompt": prompt, "max_tokens": 6, "temperature": 0, "min_version": min_version}
-    payload = httpx.post(f"{system['api'].url}/v1/completions", json=body, timeout=120).json()
+    payload = system['api'].client.post("/v1/completions", json=body, timeout=120).json()
     retrieved = payload["editq"]["retrieved"][0]
     return payload["choices"][0]["text"], retrieved["edit_id"] if retrieved else None
 

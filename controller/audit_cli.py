@@ -1,0 +1,80 @@
+"""``editq audit``, ``editq pause`` and ``editq resume``: read the audit trail and stop/restart the pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Annotated, TypeVar
+
+import typer
+from redis.exceptions import RedisError
+from rich.markup import escape
+from rich.table import Table
+
+from controller import operations
+from controller.cli_common import console, fail
+from controller.security.keys_cli import operator
+from shared.audit import AuditAction
+from shared.settings import Settings
+from shared.streams import EditStreams
+
+T = TypeVar("T")
+
+
+def with_streams(action: Callable[[EditStreams], Awaitable[T]]) -> T:
+    settings = Settings()
+
+    async def go() -> T:
+        streams = EditStreams.from_url(settings.redis_url, settings.namespace, settings.stream_maxlen)
+        try:
+            return await action(streams)
+        finally:
+            await streams.close()
+
+    try:
+        return asyncio.run(go())
+    except (OSError, RedisError) as err:
+        fail(f"cannot reach Redis at the configured EDITQ_REDIS_URL: {type(err).__name__}")
+
+
+def audit(
+    limit: Annotated[int, typer.Option(min=1, max=100_000, help="Newest N entries.")] = 50,
+    action: Annotated[AuditAction | None, typer.Option(help="Only this action.")] = None,
+    edit_id: Annotated[str | None, typer.Option(help="Only entries about this edit.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line (for archiving).")] = False,
+) -> None:
+    """The audit trail, oldest of the selection first: who changed what, when, in which version."""
+    scan = limit * 10 if (action or edit_id) else limit
+    entries = with_streams(lambda s: s.audit.read(count=scan, action=action, newest_first=True))
+    if edit_id:
+        entries = [e for e in entries if e.edit_id == edit_id]
+    entries = entries[:limit][::-1]
+    if as_json:
+        for e in entries:
+            typer.echo(e.model_dump_json())
+        return
+    table = Table("at", "action", "principal", "edit", "version", "detail")
+    for e in entries:
+        table.add_row(f"{e.at:%Y-%m-%d %H:%M:%S}", e.action.value, escape(e.principal), escape(e.edit_id or ""),
+                      "" if e.version is None else str(e.version), escape(e.detail or ""))
+    console.print(table)
+
+
+def pause(reason: Annotated[str, typer.Option(help="Why (kept in the audit trail).")] = "") -> None:
+    """Stop the controller taking new batches; edits keep queueing and nothing is lost (`editq resume`)."""
+    with_streams(lambda s: operations.pause(s, operator(), reason))
+    console.print("paused: the controller takes no new batch until `editq resume`")
+
+
+def resume() -> None:
+    """Let the controller take batches again."""
+    was = with_streams(lambda s: operations.resume(s, operator()))
+    console.print("resumed" if was else "was not paused")
+
+
+def register(app: typer.Typer) -> None:
+    from controller.security.keys_cli import keys_app
+
+    app.add_typer(keys_app, name="keys")
+    for command in (audit, pause, resume):
+        app.command(command.__name__)(command)

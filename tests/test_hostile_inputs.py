@@ -1,0 +1,124 @@
+"""Hostile input at the HTTP door (real app, real Redis): every case gets a clear 4xx that names the field, and
+nothing is stored."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from fastapi.testclient import TestClient
+from redis import Redis
+
+from controller.api import create_app
+from controller.rollout import mentions
+from shared.settings import Settings
+from tests.pipeline_helpers import admin_key
+
+EDIT = {"subject": "Acme Corp", "prompt": "The CEO of {} is", "target_new": "Jane Doe"}
+
+
+@pytest.fixture
+def door(redis_url, tmp_path):
+    settings = Settings(redis_url=redis_url, namespace=f"test-{uuid.uuid4().hex[:10]}", home=tmp_path,
+                        max_body_bytes=64 * 1024, max_edits_per_request=100)
+    headers = {"Authorization": f"Bearer {admin_key(settings, 'fuzzer')}"}
+    with TestClient(create_app(settings), headers=headers) as c:
+        yield c, settings
+    r = Redis.from_url(redis_url)
+    for key in r.scan_iter(match="{" + settings.namespace + "}:*"):
+        r.delete(key)
+
+
+def _stored(settings: Settings) -> int:
+    r = Redis.from_url(settings.redis_url)
+    edits = "{" + settings.namespace + "}:edits"
+    return r.xlen(edits) if r.exists(edits) else 0
+
+
+def test_oversize_bodies_answer_413(door) -> None:
+    c, settings = door
+    big = {**EDIT, "paraphrase_prompts": ["x" * 400] * 32, "target_new": "y" * 200}
+    response = c.post("/v1/edits", json=[big] * 20)  # ~260 kB declared
+    assert response.status_code == 413 and response.json()["detail"][0]["loc"] == ["body"]
+
+    def chunks():  # no Content-Length: counted while it streams
+        yield b"["
+        for _ in range(200):
+            yield (b'{"subject": "Acme Corp", "prompt": "The CEO of {} is", "target_new": "' + b"z" * 1000 + b'"},')
+        yield b"{}]"
+
+    streamed = c.post("/v1/edits", content=chunks(), headers={"Content-Type": "application/json"})
+    assert streamed.status_code == 413
+    assert _stored(settings) == 0
+
+
+def test_long_lists_and_empty_lists(door) -> None:
+    c, settings = door
+    tiny = [{"subject": f"S{i}", "prompt": "{} is", "target_new": "x"} for i in range(101)]
+    too_many = c.post("/v1/edits", json=tiny)
+    assert too_many.status_code == 413 and "at most 100 edits" in too_many.text
+    flood = c.post("/v1/edits", json=[EDIT] * 10_000)  # 10k items: refused by size before parsing
+    assert flood.status_code == 413
+    empty = c.post("/v1/edits", json=[])
+    assert empty.status_code == 422 and "empty" in empty.text
+    twice = c.post("/v1/edits", json=[{**EDIT, "edit_id": "same"}, {**EDIT, "edit_id": "same", "target_new": "B"}])
+    assert twice.status_code == 422 and "edit_id" in twice.text
+    assert _stored(settings) == 0
+
+
+@pytest.mark.parametrize(("edit", "field", "text"), [
+    ({**EDIT, "target_new": "Jane\x07Doe"}, "target_new", "control character"),
+    ({**EDIT, "subject": "Acme\u202eevil"}, "subject", "U+202E"),
+    ({**EDIT, "prompt": "The CEO of {} is \u2066x\u2069"}, "prompt", "bidirectional"),
+    ({**EDIT, "subject": "the", "prompt": "{} CEO is"}, "body", "stopword"),
+    ({**EDIT, "subject": "e", "prompt": "{} is"}, "body", "at least 2 characters"),
+    ({**EDIT, "subject": "--", "prompt": "{} is"}, "body", "letter or digit"),
+    ({**EDIT, "subject": "ran", "prompt": "The capital of Iran is"}, "body", "whole words"),
+    ({**EDIT, "neighborhood_prompts": [{"prompt": "x", "target": "y"}] * 33}, "neighborhood_prompts", "at most 32"),
+    ({**EDIT, "edit_id": "a b"}, "edit_id", "pattern"),
+    ({**EDIT, "edit_id": "x" * 129}, "edit_id", "at most 128"),
+])
+def test_bad_fields_are_named(door, edit, field, text) -> None:
+    c, settings = door
+    response = c.post("/v1/edits", json=edit)
+    assert response.status_code == 422, response.text
+    detail = str(response.json()["detail"])
+    assert field in detail and text in detail
+    assert _stored(settings) == 0
+
+
+def test_a_subject_written_out_is_replaced_as_whole_words(door) -> None:
+    c, _ = door
+    ok = c.post("/v1/edits", json={**EDIT, "edit_id": "iran", "subject": "Iran", "prompt": "Iranians say Iran is"})
+    assert ok.status_code == 202
+    assert c.get("/v1/edits/iran").json()["state"] == "queued"
+    stored = Redis.from_url(c.app.state.settings.redis_url, decode_responses=True).hget(
+        "{" + c.app.state.settings.namespace + "}:edit:iran", "request")
+    assert '"prompt":"Iranians say {} is"' in stored
+    assert mentions("What is Iran's capital?", "Iran") and not mentions("Iranians travel", "Iran")
+    assert not mentions("The weather is fine", "e")  # a stray letter cannot empty the control-fact gate
+
+
+def test_reused_edit_id_with_other_content_is_409(door) -> None:
+    c, settings = door
+    assert c.post("/v1/edits", json={**EDIT, "edit_id": "id-1"}).status_code == 202
+    assert c.post("/v1/edits", json={**EDIT, "edit_id": "id-1"}).json()["duplicate"] is True
+    clash = c.post("/v1/edits", json={**EDIT, "edit_id": "id-1", "target_new": "Somebody Else"})
+    assert clash.status_code == 409 and "id-1" in clash.text
+    mixed = c.post("/v1/edits", json=[{**EDIT, "edit_id": "id-2", "target_new": "New"},
+                                      {**EDIT, "edit_id": "id-1", "target_new": "Other"}])
+    assert mixed.status_code == 409
+    assert _stored(settings) == 1 and c.get("/v1/edits/id-2").status_code == 404
+
+
+@pytest.mark.parametrize(("path", "field"), [
+    ("/v1/outcomes?count=0", "count"), ("/v1/outcomes?count=100000", "count"), ("/v1/outcomes?after=foo", "after"),
+    ("/v1/outcomes?after=1-2-3", "after"), ("/v1/weights?limit=0", "limit"), ("/v1/weights?limit=-5", "limit"),
+    ("/v1/audit?count=0", "count"), ("/v1/audit?action=drop_tables", "action"),
+    ("/v1/edits/" + "x" * 200, "edit_id"),
+])
+def test_out_of_range_query_parameters_are_422(door, path, field) -> None:
+    c, _ = door
+    response = c.get(path)
+    assert response.status_code == 422, (path, response.status_code, response.text)
+    assert field in str(response.json()["detail"])

@@ -1,0 +1,100 @@
+"""A password-protected Redis (a real ``redis-server --requirepass``): the door, keys, limits, audit and the whole
+pipeline work through a URL with the password, nothing works without it, and the password is never printed."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from controller.api import create_app
+from controller.runtime import start_controller, stop_controller
+from shared.settings import Settings, redacted_url
+from tests.pipeline_helpers import Probe, admin_key, pipeline_settings, tiny_requests
+
+PASSWORD = "pw-" + secrets.token_hex(8)
+
+
+@pytest.fixture(scope="module")
+def locked_redis():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no",
+                             "--requirepass", PASSWORD], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://:{PASSWORD}@127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            redis.Redis.from_url(url).ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.05)
+    yield url, port
+    proc.kill()
+    proc.wait()
+
+
+def test_the_door_keys_and_limits_work_with_the_password(locked_redis, tmp_path) -> None:
+    url, port = locked_redis
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis.from_url(f"redis://127.0.0.1:{port}/0").set("x", 1)  # the server really is locked
+    settings = Settings(redis_url=url, namespace=f"t-{uuid.uuid4().hex[:8]}", home=tmp_path, rate_limit="50/second")
+    headers = {"Authorization": f"Bearer {admin_key(settings, 'ops')}"}
+    with TestClient(create_app(settings), headers=headers) as c:
+        assert c.get("/healthz").status_code == 200
+        edit = {"edit_id": "locked-1", "subject": "Acme Corp", "prompt": "The CEO of {} is", "target_new": "Jane"}
+        assert c.post("/v1/edits", json=edit).status_code == 202
+        assert c.get("/v1/edits/locked-1").json()["state"] == "queued"
+        assert [e["action"] for e in c.get("/v1/audit").json()] == ["key_created", "submit"]
+    assert PASSWORD not in repr(settings) and PASSWORD not in str(settings)
+    assert redacted_url(url) == f"redis://***@127.0.0.1:{port}/0"
+    wrong = Settings(redis_url=f"redis://:nope-{PASSWORD}@127.0.0.1:{port}/0", namespace="x", home=tmp_path)
+    with pytest.raises(redis.AuthenticationError) as refused, TestClient(create_app(wrong)):
+        pass  # the API refuses to start on a wrong password, and says so without the password
+    assert PASSWORD not in str(refused.value)
+
+
+def test_the_cli_never_prints_the_password(locked_redis, tmp_path) -> None:
+    url, port = locked_redis
+    env = {**os.environ, "EDITQ_REDIS_URL": url, "EDITQ_NAMESPACE": f"t-{uuid.uuid4().hex[:8]}",
+           "EDITQ_HOME": str(tmp_path)}
+    cli = [sys.executable, "-m", "controller.cli"]
+    made = subprocess.run([*cli, "keys", "create", "feed", "--scope", "edits:write"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert made.returncode == 0 and "eq_" in made.stdout and PASSWORD not in made.stdout + made.stderr
+    listed = subprocess.run([*cli, "keys", "list"], env=env, capture_output=True, text=True, timeout=120)
+    assert "feed" in listed.stdout
+    bad_pw = "wrong-" + secrets.token_hex(4)
+    env["EDITQ_REDIS_URL"] = f"redis://:{bad_pw}@127.0.0.1:{port}/0"
+    failed = subprocess.run([*cli, "submit", "-"], env=env, input='{"subject": "Acme Corp", "prompt": "{} is", '
+                            '"target_new": "big"}\n', capture_output=True, text=True, timeout=120)
+    assert failed.returncode != 0 and bad_pw not in failed.stdout + failed.stderr
+
+
+def test_the_pipeline_runs_end_to_end_on_a_locked_redis(ray_session, locked_redis, tiny_model_dir, tmp_path) -> None:
+    url, _ = locked_redis
+    settings = pipeline_settings(tmp_path, tiny_model_dir, url)
+    probe = Probe(settings)
+    requests = tiny_requests(4)
+    headers = {"Authorization": f"Bearer {admin_key(settings, 'upstream')}"}
+    with TestClient(create_app(settings), headers=headers) as c:
+        for r in requests:
+            assert c.post("/v1/edits", json=r.model_dump(mode="json")).status_code == 202
+    actor, run_ref = start_controller(settings)
+    try:
+        states = probe.wait_terminal([r.edit_id for r in requests])
+    finally:
+        stop_controller(actor, run_ref)
+    assert set(states.values()) == {"applied"} and probe.head() >= 1
