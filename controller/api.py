@@ -23,14 +23,14 @@ from pydantic import BaseModel
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from controller import operations
+from controller import operations, undo
 from controller.security.access import AccessControl, Principal
 from controller.security.body_limit import BodySizeLimit
 from controller.security.keys import Scope
 from shared.audit import AuditAction, AuditEntry
 from shared.metrics import SPECS, PrometheusMetrics, parse_metric_key
 from shared.outcomes import EditOutcome, EditStatus, SubmitResult
-from shared.schemas import EditRequest
+from shared.schemas import EditRequest, intake_problems
 from shared.settings import Settings
 from shared.streams import EditStreams
 from shared.weight_store import LocalWeightStore, StoreError, VersionManifest
@@ -113,7 +113,8 @@ def _mount_serving(app: FastAPI, settings: Settings, access: AccessControl) -> N
                        dependencies=[Depends(access.require(Scope.query))])
 
 
-STREAM_ID = r"^(0|\$|-|\d{1,20}(-\d{1,20})?)$"
+OUTCOMES_AFTER = r"^(0|\d{1,20}(-\d{1,20})?)$"
+AUDIT_AFTER = r"^(-|\d{1,20}(-\d{1,20})?)$"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -133,7 +134,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="editq", version="0.1.0", lifespan=lifespan, **docs,
         description="Queue fact corrections for a served LLM; follow them to the weight version that holds them. "
-        "Every route but /healthz takes 'Authorization: Bearer <API key>' (editq keys create).",
+        "Every route but /healthz (and these docs, unless EDITQ_API_DOCS=false) takes 'Authorization: Bearer <API "
+        "key>' (editq keys create).",
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.state.settings = settings
@@ -160,7 +162,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         edit's ``source`` is the caller's identity (whatever the body says)."""
         streams: EditStreams = app.state.streams
         many = isinstance(body, list)
-        requests = [r.model_copy(update={"source": principal.name}) for r in (body if many else [body])]
+        items = body if many else [body]
+        problems = [{"loc": ["body", *([i] if many else []), *loc], "msg": msg, "type": "value_error"}
+                    for i, r in enumerate(items) for loc, msg in intake_problems(r)]
+        if problems:
+            metrics.inc("editq_edits_invalid")
+            raise HTTPException(422, problems)
+        # Re-validated, not copied: the identity must satisfy the same rules as any field.
+        requests = [EditRequest.model_validate({**r.model_dump(), "source": principal.name}) for r in items]
         if len(requests) > settings.max_edits_per_request:
             raise HTTPException(413, [{"loc": ["body"], "type": "too_long",
                                        "msg": f"at most {settings.max_edits_per_request} edits per request"}])
@@ -172,7 +181,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                        "msg": "the same edit_id twice in one request"}])
         await _refuse_conflicts(streams, requests)  # before anything is stored
         await access.charge_edits(principal, len(requests))
-        results = [await streams.submit(r, principal.name) for r in requests]
+        results = [await streams.submit(r, principal.audit_name) for r in requests]
         conflicts = [r.edit_id for r in results if r.conflict]  # raced with another writer after the check
         if conflicts:
             raise HTTPException(409, f"edit_id already used for other content: {', '.join(conflicts)}")
@@ -180,6 +189,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if not result.duplicate:
                 metrics.inc("editq_edits_submitted", source=principal.name[:32])
         return results if many else results[0]
+
+    @app.post("/v1/edits/{edit_id:path}:revert", status_code=202, dependencies=[admin],
+              responses={404: {"description": "no such edit"}, 409: {"description": "not decided yet, or reverted"}})
+    async def revert_edit(edit_id: Annotated[str, FastPath(max_length=128)], request: Request) -> dict[str, str]:
+        """Take an edit out of the served model: a new version without it (normal gated rollout, history kept),
+        and out of the retrieval tier. Follow it with ``GET /v1/edits/{id}`` (``reverted_in``) or the audit."""
+        try:
+            await undo.request_revert(app.state.streams, edit_id, request.state.principal.audit_name)
+        except undo.UndoRefused as err:
+            raise HTTPException(err.status, str(err)) from None
+        return {"edit_id": edit_id, "status": "revert queued"}
+
+    @app.post("/v1/admin/rollback", status_code=202, dependencies=[admin])
+    async def rollback(to: Annotated[int, Query(ge=0, description="Version to make head and live again.")],
+                       request: Request) -> dict[str, int | str]:
+        """Make an earlier version (on the head's lineage) live again on purpose; later versions are kept, marked
+        ``reverted``, and their edits go to the retrieval tier."""
+        try:
+            await undo.request_rollback(app.state.streams, app.state.store, to, request.state.principal.audit_name)
+        except undo.UndoRefused as err:
+            raise HTTPException(err.status, [{"loc": ["query", "to"], "msg": str(err), "type": "value_error"}]) \
+                from None
+        return {"to": to, "status": "rollback queued"}
 
     @app.get("/v1/edits/{edit_id:path}", response_model=EditStatus, dependencies=[reader])
     async def edit_status(edit_id: Annotated[str, FastPath(max_length=128)]) -> EditStatus:
@@ -190,7 +222,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/v1/outcomes", response_model=list[EditOutcome], dependencies=[reader])
     async def outcomes(
-        after: Annotated[str, Query(pattern=STREAM_ID, description="Stream id to read after ('0': all).")] = "0",
+        after: Annotated[str, Query(pattern=OUTCOMES_AFTER, description="Stream id to read after ('0': all).")]
+        = "0",
         count: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> list[EditOutcome]:
         return [o for _, o in await app.state.streams.outcomes(after=after, count=count)]
@@ -222,7 +255,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/v1/audit", response_model=list[AuditEntry], dependencies=[admin])
     async def audit(
-        after: Annotated[str, Query(pattern=STREAM_ID, description="Stream id to read after ('-': from the start).")]
+        after: Annotated[str, Query(pattern=AUDIT_AFTER, description="Stream id to read after ('-': from the start).")]
         = "-",
         count: Annotated[int, Query(ge=1, le=1000)] = 100,
         action: AuditAction | None = None,
@@ -234,24 +267,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/v1/admin/pause", dependencies=[admin])
     async def pause(request: Request, reason: Annotated[str, Query(max_length=200)] = "") -> dict[str, bool]:
         """Stop the controller taking new batches (edits still queue; nothing is lost)."""
-        await operations.pause(app.state.streams, request.state.principal.name, reason)
+        await operations.pause(app.state.streams, request.state.principal.audit_name, reason)
         return {"paused": True}
 
     @app.post("/v1/admin/resume", dependencies=[admin])
     async def resume(request: Request) -> dict[str, bool]:
-        await operations.resume(app.state.streams, request.state.principal.name)
+        await operations.resume(app.state.streams, request.state.principal.audit_name)
         return {"paused": False}
 
     if settings.serving_replicas > 0:
         _mount_serving(app, settings, access)
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses={503: {"description": "Redis unreachable, or the controller is not healthy"}})
     async def healthz() -> dict[str, str]:
+        """Ready when Redis answers and the controller's heartbeat says it runs (state, no secrets)."""
         try:
-            await app.state.streams.redis.ping()
+            healthy, controller = await operations.controller_health(app.state.streams)
         except Exception as err:
             raise HTTPException(503, f"redis unavailable: {type(err).__name__}") from None
-        return {"status": "ok"}
+        if not healthy:
+            raise HTTPException(503, f"controller {controller.get('state')}: {controller.get('error') or ''}".strip())
+        return {"status": "ok", "controller": str(controller.get("state"))}
 
     metrics_guard = [] if settings.metrics_public else [Depends(access.require(Scope.metrics))]
 

@@ -11,12 +11,13 @@ from redis.exceptions import RedisError
 from rich.markup import escape
 from rich.table import Table
 
-from controller import operations
-from controller.cli_common import console, fail
+from controller import operations, undo
+from controller.cli_common import console, err_console, fail
 from controller.security.keys_cli import operator
 from shared.audit import AuditAction
 from shared.settings import Settings
 from shared.streams import EditStreams
+from shared.weight_store import LocalWeightStore, StoreError
 
 T = TypeVar("T")
 
@@ -72,9 +73,52 @@ def resume() -> None:
     console.print("resumed" if was else "was not paused")
 
 
+def revert(edit_id: Annotated[list[str], typer.Argument(help="One or more edit_ids.")]) -> None:
+    """Take edits out of the served model: the controller makes a new version without them (normal gated rollout,
+    history kept) and removes them from the retrieval tier; `editq status <id>` shows `reverted_in` when done."""
+    failed = 0
+    for one in edit_id:
+        try:
+            with_streams(lambda s, e=one: undo.request_revert(s, e, operator()))
+            console.print(f"revert of {escape(one)} queued")
+        except undo.UndoRefused as err:
+            err_console.print(f"[red]refused[/] {escape(str(err))}")
+            failed += 1
+    if failed:
+        raise typer.Exit(code=1)
+
+
+def rollback(
+    to: Annotated[int, typer.Option("--to", min=0, help="The version to make head and live again.")],
+) -> None:
+    """Make an earlier version live again on purpose and keep building on it; later versions keep their numbers and
+    files (status `reverted`) and their edits are served by the retrieval tier."""
+    settings = Settings()
+    store = LocalWeightStore(settings.resolved_store_dir())
+    try:
+        with_streams(lambda s: undo.request_rollback(s, store, to, operator()))
+    except undo.UndoRefused as err:
+        fail(str(err))
+    console.print(f"rollback to version {to} queued: the controller runs it between batches (`editq audit`)")
+
+
+def recover(
+    head: Annotated[int, typer.Option("--head", min=0, help="The committed version to serve (see the store).")],
+) -> None:
+    """After Redis lost its state (the controller refuses to start and says so): make a version of the weight store
+    head and live again. Queued edits and outcomes that lived only in Redis are gone; the store's versions stay."""
+    settings = Settings()
+    store = LocalWeightStore(settings.resolved_store_dir())
+    try:
+        with_streams(lambda s: operations.recover_head(s, store, head, operator()))
+    except StoreError as err:
+        fail(str(err))
+    console.print(f"head and live set to version {head}; `editq up` can start")
+
+
 def register(app: typer.Typer) -> None:
     from controller.security.keys_cli import keys_app
 
     app.add_typer(keys_app, name="keys")
-    for command in (audit, pause, resume):
+    for command in (audit, pause, resume, revert, rollback, recover):
         app.command(command.__name__)(command)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from controller.verdicts import StaleHeadError
@@ -54,6 +54,7 @@ class Compactor:
         self.max_lost = settings.compact_max_lost
         self.streams, self.pool, self.store, self.publisher, self.metrics = streams, pool, store, publisher, metrics
         self.versions_since = 0  # edit versions committed since start or the last compaction attempt
+        self.last_refusal: str | None = None  # why the last compaction or revert was refused
         # Puts edits back into the retrieval tier (None: no tier); set by the controller with the indexer.
         self.restore: Callable[[list[EditRequest]], Awaitable[object]] | None = None
 
@@ -76,17 +77,20 @@ class Compactor:
         await self.streams.redis.delete(request_key(self.streams.namespace))
         return "requested" if requested else "periodic"
 
-    async def run(self, why: str) -> int | None:
-        """One compaction of the head; the committed version number, or None when refused."""
+    async def run(self, why: str, exclude: Sequence[str] = ()) -> int | None:
+        """One compaction of the head (with ``exclude``: a revert that takes those edits out of the weights); the
+        committed version number, or None when refused."""
+        kind = "revert" if exclude else "compaction"
         self.versions_since = 0
         head = await self.streams.head()
         version = await self.streams.next_version(max(self.store.versions(), default=0))
         started = time.perf_counter()
         try:
-            result = await self.pool.compact(head, version, self.max_lost)
+            result = await self.pool.compact(head, version, self.max_lost, exclude)
         except REFUSALS as err:
             self.metrics.inc("editq_compactions", outcome="refused")
-            log.warning("compaction (%s) of version %d refused: %s", why, head, err)
+            log.warning("%s (%s) of version %d refused: %s", kind, why, head, err)
+            self.last_refusal = str(err)
             await self._resync(head)
             return None
         except BaseException:
@@ -96,14 +100,15 @@ class Compactor:
         manifest = build_manifest(
             version, head, meta.base_model, [], meta.algo, result.deltas, result.checksums, hparams=meta.hparams,
             metrics={**result.metrics, **{f"seconds_{k}": v for k, v in result.seconds.items()}},
-            missed_edit_ids=result.missed_edit_ids, reference=result.reference, kind="compaction",
+            missed_edit_ids=result.missed_edit_ids, reference=result.reference, kind=kind,
+            reverted_edit_ids=list(exclude),
         )
         try:
             self.store.put(manifest, result.deltas, result.aux)
         except BaseException:  # the workers hold the uncommitted version: bring them back to the head
             await self._resync(head)
             raise
-        fields = {"status": "committed", "parent": head, "edits": 0, "kind": "compaction",
+        fields = {"status": "committed", "parent": head, "edits": 0, "kind": kind,
                   "created_at": manifest.created_at.isoformat()}
         if await self.streams.finish([], expect_head=head, new_head=version, version_fields=fields) < 0:
             now = await self.streams.head()

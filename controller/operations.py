@@ -1,13 +1,18 @@
 """Operator controls kept in Redis, so the CLI, the HTTP API and the controller agree: pause/resume of the
-pipeline's intake of batches. Every change is audited with who made it."""
+pipeline's intake of batches, and the check (and recovery) for a Redis that lost its state. Every change is audited
+with who made it."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from shared.audit import AuditAction, AuditEntry
 from shared.streams import EditStreams
+from shared.weight_store import WeightStore, lineage
 
 
 def paused_key(streams: EditStreams) -> str:
@@ -33,3 +38,61 @@ async def resume(streams: EditStreams, principal: str) -> bool:
 async def paused(streams: EditStreams) -> dict | None:
     raw = await streams.redis.get(paused_key(streams))
     return json.loads(raw) if raw else None
+
+
+HEALTHY_STATES = frozenset({"starting", "running", "paused", "waiting for replicas"})
+HEARTBEAT_S = 5.0
+
+
+def heartbeat_key(streams: EditStreams) -> str:
+    return "{" + streams.namespace + "}:controller"
+
+
+async def heartbeat(streams: EditStreams, state: str, error: str | None, ttl_s: float = 4 * HEARTBEAT_S) -> None:
+    record = {"state": state, "error": error, "at": datetime.now(UTC).isoformat()}
+    await streams.redis.set(heartbeat_key(streams), json.dumps(record), px=int(ttl_s * 1000))
+
+
+async def heartbeat_loop(streams: EditStreams, current: Callable[[], tuple[str, str | None]]) -> None:
+    """The controller's pulse for /healthz, written beside its loop (a long batch does not stop it)."""
+    while True:
+        with contextlib.suppress(Exception):
+            await heartbeat(streams, *current())
+        await asyncio.sleep(HEARTBEAT_S)
+
+
+async def controller_health(streams: EditStreams) -> tuple[bool, dict]:
+    """(healthy, the controller's last heartbeat); no heartbeat within its TTL means no controller is running."""
+    raw = await streams.redis.get(heartbeat_key(streams))
+    if raw is None:
+        return False, {"state": "absent", "error": "no controller heartbeat"}
+    record = json.loads(raw)
+    return record.get("state") in HEALTHY_STATES, record
+
+
+class RedisStateLostError(RuntimeError):
+    """Redis holds no state for the namespace while the weight store holds versions."""
+
+
+async def check_redis_state(streams: EditStreams, store: WeightStore) -> None:
+    """Refuse to run on a Redis that lost its state (e.g. restarted without persistence): it would read head 0 and
+    serve the base weights while the store holds committed versions. ``editq recover --head N`` accepts the loss."""
+    versions = store.versions()
+    if versions and not await streams.redis.exists(streams.head_key, streams.version_seq_key):
+        raise RedisStateLostError(
+            f"Redis has no state for namespace {streams.namespace!r} but the weight store holds versions up to "
+            f"{versions[-1]}: Redis lost its state (restarted without persistence?). Restore Redis from its backup "
+            f"(AOF/RDB), or accept the loss with `editq recover --head N` (N: the version to serve; queued edits and "
+            "outcomes that were only in Redis are gone)"
+        )
+
+
+async def recover_head(streams: EditStreams, store: WeightStore, version: int, principal: str) -> None:
+    """After a Redis loss: make committed ``version`` (its whole lineage must be in the store) head and live."""
+    lineage(store, version)  # StoreError when a version of the lineage is missing
+    await streams.redis.set(streams.head_key, version)
+    await streams.set_live(version)
+    await streams.redis.set(streams.version_seq_key, max(store.versions(), default=0))  # new numbers stay above
+    await streams.set_version_status(version, "live")
+    await streams.audit.append(AuditEntry(action=AuditAction.recovered, principal=principal, version=version,
+                                          detail="head and live set from the store after a Redis state loss"))

@@ -141,6 +141,11 @@ def watch(
 def up(
     api: Annotated[bool, typer.Option(help="Also serve the HTTP API.")] = True,
     workers: Annotated[int | None, typer.Option(min=1, help="Edit workers (default EDITQ_N_EDIT_WORKERS).")] = None,
+    create_key: Annotated[bool | None, typer.Option(
+        "--create-key/--no-create-key",
+        help="Create an admin API key for you and print it once (default: only in an interactive terminal, so a "
+        "server's logs never hold one).",
+    )] = None,
 ) -> None:
     """Run the pipeline in the foreground: Redis (started if none answers), Ray, controller, workers, HTTP API."""
     import ray
@@ -161,7 +166,10 @@ def up(
     actor, run_ref = start_controller(settings)
     console.print(f"controller running (redis {redacted_url(redis.url)}, namespace {settings.namespace}, "
                   f"{settings.n_edit_workers} edit worker(s), store {settings.resolved_store_dir()})")
-    if api and (secret := asyncio.run(terminal_key(settings))):
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    if api and (create_key if create_key is not None else interactive) and (
+        secret := asyncio.run(terminal_key(settings))
+    ):
         console.print(f"API key for you (admin, shown once): [bold]{secret}[/]\n"
                       f"  export EDITQ_API_KEY={secret}   # editq query uses it; HTTP clients send "
                       "'Authorization: Bearer <key>'")

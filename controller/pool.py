@@ -138,10 +138,12 @@ class EditWorkerPool:
         job = EditJob(parent=parent, version=version, requests=list(requests), shards=shards)
         return await self._call(leader.edit.remote(job))
 
-    async def compact(self, parent: int, version: int, max_lost: int | None) -> EditResult:
-        """Re-solve all live edits of ``parent`` jointly on the leader (one closed-form solve; no v* to shard)."""
+    async def compact(
+        self, parent: int, version: int, max_lost: int | None, exclude: Sequence[str] = ()
+    ) -> EditResult:
+        """Re-solve all live edits of ``parent`` (but ``exclude``) jointly on the leader (one closed-form solve)."""
         await self.sync(parent)
-        job = CompactJob(parent=parent, version=version, max_lost=max_lost)
+        job = CompactJob(parent=parent, version=version, max_lost=max_lost, exclude=list(exclude))
         return await self._call(self.workers[0].compact.remote(job))
 
     def kill(self, index: int, restart: bool = True) -> None:

@@ -49,6 +49,7 @@ from workers.serving.schemas import (
 )
 
 log = logging.getLogger("editq.rollout")
+MAX_NEIGHBOUR_FACTS = 16  # of the clients' neighbourhood prompts checked per canary gate
 DEFAULT_CONTROL_FACTS_FILE = Path(__file__).resolve().parents[1] / "workers" / "evaluation" / "control_facts.json"
 BUILTIN_CONTROL_FACTS = [  # SmolLM2-135M-Instruct answers these greedily (../shared/NOTES.md)
     ControlFact(prompt="The capital of France is", answer="Paris"),
@@ -93,7 +94,8 @@ class RolloutResult(BaseModel):
 def probes_from_requests(requests: Sequence[EditRequest]) -> list[EditProbe]:
     """The probes of a batch: each edit's own prompt must now answer its ``target_new``."""
     return [
-        EditProbe(prompt=r.text, target_new=r.target_new, target_true=r.target_true, subject=r.subject)
+        EditProbe(prompt=r.text, target_new=r.target_new, target_true=r.target_true, subject=r.subject,
+                  neighbours=[ControlFact(prompt=n.prompt, answer=n.target) for n in r.neighborhood_prompts])
         for r in requests
     ]
 
@@ -195,7 +197,15 @@ class RolloutManager:
     def _facts(self, probes: Sequence[EditProbe]) -> list[ControlFact]:
         """Control facts, minus those about a subject this version edits (they are meant to change)."""
         subjects = [p.subject for p in probes if p.subject]
-        return [f for f in self.control_facts if not any(mentions(f.prompt, s) for s in subjects)]
+        facts = [f for f in self.control_facts if not any(mentions(f.prompt, s) for s in subjects)]
+        seen = {f.prompt for f in facts}
+        for fact in (n for p in probes for n in p.neighbours):  # the clients' own "must not change" prompts
+            if len(facts) >= len(self.control_facts) + MAX_NEIGHBOUR_FACTS:
+                break
+            if fact.prompt not in seen and not any(mentions(fact.prompt, s) for s in subjects):
+                facts.append(fact)
+                seen.add(fact.prompt)
+        return facts
 
     # ---- deploy ---------------------------------------------------------------------------------------------
     async def deploy(self, version: int, probes: Sequence[EditProbe] = ()) -> RolloutResult:

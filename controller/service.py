@@ -21,12 +21,13 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 
 from controller import operations
 from controller.batching import Batcher
+from controller.commit import Committer
 from controller.compaction import Compactor
 from controller.janitor import dead_letter_if_poison, sweep
 from controller.pool import EditWorkerPool
-from controller.publish import Publisher, count_routes
+from controller.publish import Publisher
+from controller.undo import Undo
 from controller.verdicts import (
-    HeadRevertedError,
     InfrastructureError,
     StaleHeadError,
     Verdicts,
@@ -37,10 +38,10 @@ from controller.verdicts import (
 )
 from shared.jobs import WorkerInfo
 from shared.metrics import Metrics, default_metrics
-from shared.outcomes import EditOutcome, EditState, ReasonCode, Route
+from shared.outcomes import EditState, ReasonCode
 from shared.settings import Settings
-from shared.streams import EditStreams, Finished, StreamEntry
-from shared.weight_store import LocalWeightStore, build_manifest
+from shared.streams import EditStreams, StreamEntry
+from shared.weight_store import LocalWeightStore
 from workers.guards import GuardRejection
 
 log = logging.getLogger("editq.controller")
@@ -74,11 +75,13 @@ class Controller:
         self.publisher = Publisher(self.streams, self.pool, self.store, self.metrics)
         self.verdicts = Verdicts(s, self.streams, self.store, self.publisher, self.metrics)
         self.compactor = Compactor(s, self.streams, self.pool, self.store, self.publisher, self.metrics)
+        self.undo = Undo(self.streams, self.store, self.pool, self.compactor, self.publisher)
+        self.committer = Committer(self.streams, self.pool, self.store, self.publisher, self.compactor, self.metrics)
         self.indexer = None  # the retrieval-tier indexer actor, when the tier is on
         self._stop = False
         self._state = "starting"
         self._started_at = datetime.now(UTC)
-        self._counts = {"batches": 0, "applied": 0, "failed": 0, "dead": 0}
+        self._counts = {"failed": 0, "dead": 0}
         self._in_flight: set[str] = set()
         self._last_sweep = 0.0
         self._last_error: str | None = None
@@ -87,7 +90,20 @@ class Controller:
     async def run(self) -> ControllerStatus:
         """Consume until ``stop``; safe to call again after a crash (it resumes from Redis and the store)."""
         self._stop = False
-        await self._start()
+        beat = asyncio.create_task(operations.heartbeat_loop(self.streams, lambda: (self._state, self._last_error)))
+        try:
+            return await self._run()
+        finally:
+            beat.cancel()
+            with contextlib.suppress(Exception):
+                await operations.heartbeat(self.streams, self._state, self._last_error, ttl_s=60)
+
+    async def _run(self) -> ControllerStatus:
+        try:
+            await self._start()
+        except Exception as err:
+            self._last_error, self._state = describe(err), "failed"
+            raise
         self._state = "running"
         delay = LOOP_RETRY_S
         while not self._stop:
@@ -132,14 +148,15 @@ class Controller:
         """Counters and the workers as of their last sync (never waits for a busy worker)."""
         return ControllerStatus(
             state=self._state, head=await self.streams.head(), live=await self.streams.live(),
-            pending_in_batcher=len(self.batcher), batches_committed=self._counts["batches"],
-            edits_applied=self._counts["applied"], edits_failed=self._counts["failed"],
+            pending_in_batcher=len(self.batcher), batches_committed=self.committer.counts["batches"],
+            edits_applied=self.committer.counts["applied"], edits_failed=self._counts["failed"],
             dead_lettered=self._counts["dead"], started_at=self._started_at, last_error=self._last_error,
             workers=self.pool.last_infos,
         )
 
     async def _start(self) -> None:
         s = self.settings
+        await operations.check_redis_state(self.streams, self.store)  # before anything reads head 0 as the truth
         await self.streams.ensure_group()
         if s.serving_replicas > 0:
             from controller.rollout import RolloutManager
@@ -182,6 +199,7 @@ class Controller:
 
             self.publisher.retire = retire
             self.compactor.restore = restore
+            self.undo.restore, self.undo.retire = restore, retire
         else:
             log.warning("retrieval tier off (no checkpoint for this model): edits are served by the weights only")
 
@@ -205,6 +223,9 @@ class Controller:
             await asyncio.sleep(0.5)
             return
         self._state = "running"
+        if await self.undo.due():  # an operator's revert or rollback goes before new batches
+            await self.undo.run()
+            return
         due = self.batcher.seconds_until_due()
         if len(self.batcher) < 2 * s.batch_max_size and due != 0.0:
             block_s = 1.0 if due is None else min(1.0, due)
@@ -291,12 +312,14 @@ class Controller:
             else:
                 await self._apply(batch)
         except InfrastructureError as err:
-            # The batch goes back to the front of the queue, its edits back to `queued`; the loop backs off and
-            # retries it (the stream entries stay pending under this consumer, so nothing is re-delivered).
-            self.batcher.put_back(batch)
+            # What is still undecided goes back to the front of the queue, its edits back to `queued` (part of a
+            # split batch may have committed meanwhile: never again); the loop backs off and retries it. The
+            # stream entries stay pending under this consumer, so nothing is re-delivered.
+            undecided = await self.committer.undecided(batch)
+            self.batcher.put_back(undecided)
             with contextlib.suppress(Exception):
-                await self.streams.mark([e.edit_id for e in batch], EditState.in_flight, EditState.queued)
-            log.warning("batch of %d waits: infrastructure failure (%s)", len(batch), err)
+                await self.streams.mark([e.edit_id for e in undecided], EditState.in_flight, EditState.queued)
+            log.warning("%d edits wait: infrastructure failure (%s)", len(undecided), err)
             raise
         finally:
             self._in_flight = set()
@@ -313,7 +336,7 @@ class Controller:
                 reraise=True,
             ):
                 with attempt:
-                    await self._commit(entries)
+                    await self.committer.commit(entries)
             return
         except StaleHeadError:
             raise
@@ -336,78 +359,3 @@ class Controller:
             return
         if await self.verdicts.fail(entries[0], error, self._last_error):
             self._counts["failed"] += 1
-
-    async def _commit(self, entries: list[StreamEntry]) -> None:
-        requests = [e.request for e in entries]
-        head = await self.streams.head()
-        version = await self.streams.next_version(max(self.store.versions(), default=0))
-        t0 = time.perf_counter()
-        try:
-            result = await self.pool.edit(head, version, requests)
-        except BaseException:
-            await self._resync(head)
-            raise
-        compute_s = time.perf_counter() - t0
-        meta = self.pool.meta
-        manifest = build_manifest(
-            version, head, meta.base_model, result.edit_ids, meta.algo, result.deltas, result.checksums,
-            hparams=meta.hparams,
-            metrics={**result.metrics, **{f"seconds_{k}": v for k, v in result.seconds.items()}},
-            missed_edit_ids=result.missed_edit_ids, reference=result.reference, edits=requests,
-        )
-        try:
-            self.store.put(manifest, result.deltas, result.aux)
-        except BaseException:  # the workers hold the uncommitted version: bring them back to the head
-            await self._resync(head)
-            raise
-        state, missed = self.publisher.commit_state, set(result.missed_edit_ids)
-        finished = [
-            Finished(
-                self.publisher.missed_outcome(e.edit_id, version, e.stream_id)
-                if state == EditState.applied and e.edit_id in missed
-                else EditOutcome(edit_id=e.edit_id, state=state, version=version, stream_id=e.stream_id,
-                                 served_by=Route.weights if state == EditState.applied else None),
-                e.stream_id,
-            )
-            for e in entries
-        ]
-        fields = {
-            "status": "committed", "parent": head, "edits": len(entries), "created_at": manifest.created_at.isoformat()
-        }
-        recorded = await self.streams.finish(finished, expect_head=head, new_head=version, version_fields=fields)
-        if recorded < 0:
-            now = await self.streams.head()
-            await self._resync(now)
-            if now < head:  # our own rollout refused the version this batch was computed on: recompute it
-                raise HeadRevertedError(f"version {head} was rolled back while version {version} was computed on it")
-            raise StaleHeadError(f"head moved from {head} to {now} while version {version} was computed")
-        self._counts["batches"] += 1
-        self._counts["applied"] += recorded
-        self.compactor.committed()
-        if state == EditState.applied:
-            self.metrics.inc("editq_outcomes", recorded, state=state.value)
-            count_routes(self.metrics, finished, recorded)
-        self.metrics.observe("editq_batch_duration_seconds", compute_s, stage="compute")
-        self.metrics.observe("editq_delta_bytes", sum(d.nbytes for d in result.deltas))
-        self.metrics.set("editq_weight_version", version)
-        now = datetime.now(UTC)
-        for e in entries:
-            self.metrics.observe("editq_edit_latency_seconds", (now - e.request.created_at).total_seconds())
-        log.info("committed version %d with %d edits in %.1f s", version, len(entries), compute_s)
-        if missed:
-            log.warning("version %d: %d of %d edits did not take on their own prompt", version, len(missed),
-                        len(entries))
-        try:  # failures after the commit never undo it: a pending rollout is resumed by the loop
-            if self.publisher.rollout is None:
-                await self.publisher.publish(version, requests, result.missed_edit_ids)
-            else:  # rolled out beside the next batch's computation
-                await self.publisher.ensure_rolling()
-        except Exception as err:
-            log.exception("publishing version %d failed: %s", version, err)
-
-    async def _resync(self, head: int) -> None:
-        try:
-            await self.pool.sync(head)
-        except Exception as err:
-            log.warning("could not resync workers to %d: %s", head, err)
-

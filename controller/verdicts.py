@@ -33,14 +33,22 @@ class InfrastructureError(RuntimeError):
 
 def is_infrastructure(err: BaseException) -> bool:
     """A disk, store, connection or worker-process failure (Ray wraps a worker's exception: look at its cause)."""
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
     from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import ResponseError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
+    from controller.pool import WorkerDivergedError
+
     cause = getattr(err, "cause", None) or err
+    if any(isinstance(e, TimeoutError | GetTimeoutError) for e in (err, cause)):
+        return False  # a worker call that hangs may be the batch's fault (asyncio's TimeoutError is an OSError)
     kinds = (OSError, StoreError, RedisConnectionError, RedisTimeoutError, RayActorError, ActorDiedError,
-             ActorUnavailableError)
-    return isinstance(cause, kinds) or isinstance(err, kinds)
+             ActorUnavailableError, WorkerDivergedError)
+    if isinstance(cause, kinds) or isinstance(err, kinds):
+        return True
+    transient = ("READONLY", "LOADING", "OOM", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+    return isinstance(cause, ResponseError) and str(cause).startswith(transient)
 
 
 def retryable(err: BaseException) -> bool:

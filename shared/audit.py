@@ -29,9 +29,15 @@ class AuditAction(StrEnum):
     key_revoked = "key_revoked"
     paused = "paused"
     resumed = "resumed"
-    pinned = "pinned"  # an operator made an earlier version live on purpose
-    unpinned = "unpinned"
+    version_reverted = "version_reverted"  # taken off the lineage by an operator's rollback
+    revert_requested = "revert_requested"
+    reverted = "reverted"  # an edit taken out of the weights (and the retrieval tier) on demand
+    revert_refused = "revert_refused"
+    rollback_requested = "rollback_requested"
+    rolled_back_to = "rolled_back_to"  # an operator made an earlier version the head and live version on purpose
+    rollback_refused = "rollback_refused"
     compaction_requested = "compaction_requested"
+    recovered = "recovered"  # head and live set from the store after Redis lost its state
 
 
 class AuditEntry(BaseModel):

@@ -78,6 +78,7 @@ class CompactJob(BaseModel):
     version: int = Field(ge=1)
     max_lost: int | None = Field(default=0, ge=0, description="Refuse when more edits that take now would stop "
                                  "taking (None: never refuse for that).")
+    exclude: list[str] = Field(default_factory=list, description="Edits to take out of the weights (a revert).")
 
 
 class EditResult(BaseModel):
@@ -99,4 +100,4 @@ class EditResult(BaseModel):
     # greedy answers of the leader's model (exactly the committed weights) on the fixed probe set; every replica
     # must reproduce them (None when they could not be computed: the replicas then skip the check, logged)
     reference: ReferenceAnswers | None = None
-    kind: str = "edit"  # or "compaction" (then ``edit_ids`` is empty and ``metrics`` holds the compaction's record)
+    kind: str = "edit"  # "compaction" / "revert": ``edit_ids`` empty, ``metrics`` holds the joint solve's record

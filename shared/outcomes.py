@@ -80,6 +80,8 @@ class EditStatus(BaseModel):
     served_by: Route | None = None
     submitted_at: datetime | None = None
     updated_at: datetime | None = None
+    reverted_in: int | None = Field(default=None, description="The version that took this edit out on demand.")
+    reverted_by: str | None = None
 
 
 class SubmitResult(BaseModel):

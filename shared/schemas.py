@@ -37,21 +37,40 @@ def _check_text(value: str) -> str:
     bad = [c for c in value if unicodedata.category(c) == "Cc" and c not in "\t\n"]
     if bad:
         raise ValueError(f"contains control character {bad[0]!r}")
-    bidi = [c for c in value if c in BIDI_CONTROLS]
-    if bidi:  # text that renders differently from what the model reads (Trojan Source)
-        raise ValueError(f"contains bidirectional control character U+{ord(bidi[0]):04X}")
     return value
 
 
-def _check_subject(value: str) -> str:
+def _bidi_problem(value: str) -> str | None:
+    bidi = [c for c in value if c in BIDI_CONTROLS]  # text that renders differently from what it says
+    return f"contains bidirectional control character U+{ord(bidi[0]):04X}" if bidi else None
+
+
+def _subject_problem(value: str) -> str | None:
     """A subject must name something: not a stopword or a stray letter, which would match inside other text."""
     named = any(c.isalnum() for c in value) and (len(value) >= MIN_SUBJECT_CHARS or value.isupper() or value.isdigit())
     if not named:  # a lone capital or digit can be a name (CounterFact has 'Q'); 'e' or '-' cannot
-        raise ValueError(f"must have at least {MIN_SUBJECT_CHARS} characters with a letter or digit (or be one "
-                         f"capital letter or digit); got {value!r}")
+        return (f"must have at least {MIN_SUBJECT_CHARS} characters with a letter or digit (or be one capital "
+                f"letter or digit); got {value!r}")
     if value.lower() in STOPWORDS:
-        raise ValueError(f"is a stopword ({value!r}), not a subject")
-    return value
+        return f"is a stopword ({value!r}), not a subject"
+    return None
+
+
+def intake_problems(request: EditRequest) -> list[tuple[tuple[str | int, ...], str]]:
+    """Rules for *new* edits (the door and ``editq submit``), as (field location, message) pairs. They are not part
+    of the model's validation, so edits stored under older rules (queue entries, manifests) stay readable."""
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    if (msg := _subject_problem(request.subject)) is not None:
+        problems.append((("subject",), msg))
+    texts: list[tuple[tuple[str | int, ...], str | None]] = [
+        ((name,), getattr(request, name)) for name in ("subject", "prompt", "target_new", "target_true", "source")
+    ]
+    texts += [(("paraphrase_prompts", i), p) for i, p in enumerate(request.paraphrase_prompts)]
+    for i, probe in enumerate(request.neighborhood_prompts):
+        texts += [(("neighborhood_prompts", i, "prompt"), probe.prompt), (("neighborhood_prompts", i, "target"),
+                                                                          probe.target)]
+    problems += [(loc, msg) for loc, value in texts if value and (msg := _bidi_problem(value)) is not None]
+    return problems
 
 
 def subject_pattern(subject: str) -> re.Pattern[str]:
@@ -113,7 +132,6 @@ class EditRequest(BaseModel):
 
     @model_validator(mode="after")
     def _subject_in_prompt(self) -> EditRequest:
-        _check_subject(self.subject)
         slots = self.prompt.count(SUBJECT_SLOT)
         if slots == 0:
             found = subject_pattern(self.subject).search(self.prompt)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -178,7 +178,8 @@ class Settings(BaseSettings):
     )
     serving_control_facts_n: int = Field(default=8, ge=0, description="Control facts checked per canary gate.")
     serving_canary_soak_s: float = Field(
-        default=0.0, ge=0, description="Seconds the canary serves live traffic before its error rate is judged."
+        default=2.0, ge=0, description="Seconds the canary serves live traffic before its error rate is judged (0 "
+        "would judge it on no traffic at all).",
     )
     serving_max_error_rate: float = Field(
         default=0.0, ge=0, le=1, description="Largest share of failed requests on the canary since its swap."
@@ -303,6 +304,13 @@ class Settings(BaseSettings):
         default=None, description="Client side: the API key `editq query` sends (never printed or logged).",
     )
 
+    @model_validator(mode="after")
+    def _oidc_complete(self) -> Settings:
+        if self.oidc_jwks_url and not (self.oidc_issuer and self.oidc_audience):
+            raise ValueError("EDITQ_OIDC_JWKS_URL needs EDITQ_OIDC_ISSUER and EDITQ_OIDC_AUDIENCE too: without them "
+                             "any token of that identity provider, issued for any application, would be accepted")
+        return self
+
     @property
     def models_dir(self) -> Path:
         return self.home / "models"
@@ -343,11 +351,11 @@ class Settings(BaseSettings):
 def redacted_url(url: str) -> str:
     """A URL fit for logs and errors: any password (and user name) replaced."""
     parts = urlsplit(url)
-    if parts.password is None and parts.username is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    netloc = parts.netloc
+    if parts.password is not None or parts.username is not None:
+        netloc = f"***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+    query = "***" if parts.query else ""  # redis-py also reads password= (and more) from the query string
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 @lru_cache(maxsize=1)

@@ -290,13 +290,20 @@ class EditStreams:
         for edit_id in edit_ids:
             pipe.hget(self.edit_key(edit_id), "request")
         raw = await pipe.execute()
-        return {e: EditRequest.model_validate_json(r) for e, r in zip(edit_ids, raw, strict=True) if r}
+        out: dict[str, EditRequest] = {}
+        for edit_id, stored in zip(edit_ids, raw, strict=True):
+            if stored:
+                try:
+                    out[edit_id] = EditRequest.model_validate_json(stored)
+                except ValidationError:  # written under other rules (or tampered with): the caller sees it missing
+                    continue
+        return out
 
     async def set_version_status(self, version: int, status: str, principal: str = "controller") -> None:
         await self.redis.hset(self.version_key(version), mapping={"status": status, "updated_at": _now()})
-        if status == "rolled_back":
-            await self.audit.append(AuditEntry(action=AuditAction.version_rolled_back, principal=principal,
-                                               version=version))
+        actions = {"rolled_back": AuditAction.version_rolled_back, "reverted": AuditAction.version_reverted}
+        if status in actions:
+            await self.audit.append(AuditEntry(action=actions[status], principal=principal, version=version))
 
     async def next_version(self, floor: int = 0) -> int:
         """A fresh version number: above every number handed out before, the head and ``floor`` (the store's

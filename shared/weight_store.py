@@ -78,9 +78,14 @@ class VersionManifest(BaseModel):
     base_model: str = Field(description="Fingerprint of the base model directory.")
     edit_ids: list[str]
     algo: str
-    kind: Literal["edit", "compaction"] = Field(
+    kind: Literal["edit", "compaction", "revert"] = Field(
         default="edit", description="``compaction``: all live edits re-solved jointly on the base weights; writes "
-        "no new edits (``edit_ids`` empty) and replaces the accumulated preserved keys.",
+        "no new edits (``edit_ids`` empty) and replaces the accumulated preserved keys. ``revert``: the same joint "
+        "solve without the edits in ``reverted_edit_ids`` (undo on demand).",
+    )
+    reverted_edit_ids: list[str] = Field(
+        default_factory=list, description="Edits this version takes out of the weights (kind ``revert``); they stay "
+        "out of every later compaction of this lineage.",
     )
     edits: list[EditRequest] = Field(
         default_factory=list, description="The edits this version wrote, as submitted, in ``edit_ids`` order: "
@@ -121,7 +126,8 @@ def build_manifest(
     missed_edit_ids: list[str] | None = None,
     reference: ReferenceAnswers | None = None,
     edits: list[EditRequest] | None = None,
-    kind: Literal["edit", "compaction"] = "edit",
+    kind: Literal["edit", "compaction", "revert"] = "edit",
+    reverted_edit_ids: list[str] | None = None,
 ) -> VersionManifest:
     entries = [
         MatrixEntry(
@@ -134,6 +140,7 @@ def build_manifest(
         version=version, parent=parent, base_model=base_model, edit_ids=edit_ids, algo=algo,
         hparams=hparams or {}, matrices=entries, metrics=metrics or {}, missed_edit_ids=missed_edit_ids or [],
         reference=reference, edits=edits or [], kind=kind,
+        reverted_edit_ids=reverted_edit_ids or [],
     )
 
 

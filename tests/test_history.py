@@ -116,3 +116,28 @@ def test_version_numbers_stay_above_the_store_after_redis_lost_its_state(redis_u
             await streams.close()
 
     assert asyncio.run(go()) == (1, 8)
+
+
+def test_a_controller_refuses_to_start_on_a_redis_that_lost_its_state(redis_url, tmp_path) -> None:
+    from controller.operations import RedisStateLostError, check_redis_state, recover_head
+
+    store = LocalWeightStore(tmp_path)
+    _put(store, 1, 0, ["a"])
+    _put(store, 2, 1, ["b"])
+
+    async def go():
+        streams = EditStreams.from_url(redis_url, f"test-{uuid.uuid4().hex[:10]}")
+        try:
+            with pytest.raises(RedisStateLostError, match="versions up to 2"):
+                await check_redis_state(streams, store)  # empty Redis, store with versions: never serve base
+            await recover_head(streams, store, 2, "cli:ops")
+            await check_redis_state(streams, store)  # accepted on purpose: runs again
+            audit = await streams.audit.read(count=10)
+            return await streams.head(), await streams.live(), await streams.next_version(0), audit
+        finally:
+            await streams.delete_namespace()
+            await streams.close()
+
+    head, live, fresh, audit = asyncio.run(go())
+    assert head == live == 2 and fresh == 3
+    assert any(e.action == AuditAction.recovered and e.principal == "cli:ops" and e.version == 2 for e in audit)

@@ -122,3 +122,46 @@ def test_out_of_range_query_parameters_are_422(door, path, field) -> None:
     response = c.get(path)
     assert response.status_code == 422, (path, response.status_code, response.text)
     assert field in str(response.json()["detail"])
+
+
+def test_a_chunked_body_cannot_hide_behind_a_small_content_length(redis_url, tmp_path) -> None:
+    """Content-Length: 5 plus chunked framing (h11 frames it as chunked): the real bytes are counted -> 413."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from controller.runtime import _free_port
+
+    settings = Settings(redis_url=redis_url, namespace=f"test-{uuid.uuid4().hex[:10]}", home=tmp_path,
+                        max_body_bytes=1024, auth=False)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, http="h11",
+                                           log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        payload = b'{"subject": "Acme Corp", "prompt": "The CEO of {} is", "target_new": "' + b"z" * 5000 + b'"}'
+        chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(payload), payload)
+        head = (b"POST /v1/edits HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(head + chunked)
+            reply = conn.recv(4096).decode(errors="replace")
+        status = int(reply.split()[1])
+        assert status in (400, 413), reply  # refused either way: never parsed by the app
+        r = Redis.from_url(redis_url)
+        assert not r.exists("{" + settings.namespace + "}:edits") or r.xlen("{" + settings.namespace + "}:edits") == 0
+    finally:
+        server.should_exit = True
+
+
+def test_secrets_in_redis_urls_are_redacted() -> None:
+    from shared.settings import redacted_url
+
+    assert redacted_url("redis://:s3cret@h:6379/0") == "redis://***@h:6379/0"
+    assert redacted_url("rediss://user:s3cret@h/0") == "rediss://***@h/0"
+    assert "s3cret" not in redacted_url("redis://h:6379/0?password=s3cret")
+    assert redacted_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"

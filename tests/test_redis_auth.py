@@ -53,7 +53,8 @@ def test_the_door_keys_and_limits_work_with_the_password(locked_redis, tmp_path)
     settings = Settings(redis_url=url, namespace=f"t-{uuid.uuid4().hex[:8]}", home=tmp_path, rate_limit="50/second")
     headers = {"Authorization": f"Bearer {admin_key(settings, 'ops')}"}
     with TestClient(create_app(settings), headers=headers) as c:
-        assert c.get("/healthz").status_code == 200
+        health = c.get("/healthz")  # Redis answers (with the password); no controller runs in this test
+        assert health.status_code == 503 and "controller absent" in health.text
         edit = {"edit_id": "locked-1", "subject": "Acme Corp", "prompt": "The CEO of {} is", "target_new": "Jane"}
         assert c.post("/v1/edits", json=edit).status_code == 202
         assert c.get("/v1/edits/locked-1").json()["state"] == "queued"

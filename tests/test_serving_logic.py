@@ -106,6 +106,7 @@ class FakeReplica:
 def fleet(n: int = 2, **settings) -> tuple[list[FakeReplica], RolloutManager, list]:
     log: list = []
     replicas = [FakeReplica(f"r{i}", log=log) for i in range(n)]
+    settings.setdefault("serving_canary_soak_s", 0.0)  # fake replicas take no traffic to judge
     manager = RolloutManager(replicas, ServingSettings(**settings), control_facts=FACTS)
     return replicas, manager, log
 
@@ -147,6 +148,24 @@ def test_control_facts_about_an_edited_subject_are_not_judged() -> None:
     _, manager, _ = fleet(1)
     probe = PROBE.model_copy(update={"subject": "France"})
     assert [f.answer for f in manager._facts([probe])] == ["Madrid"]
+    short = PROBE.model_copy(update={"subject": "Fr"})  # letters of a word are not a mention
+    assert len(manager._facts([short])) == len(FACTS)
+
+
+def test_the_clients_neighbourhood_prompts_join_the_control_gate() -> None:
+    from controller.rollout import probes_from_requests
+    from shared.schemas import EditRequest, Probe
+
+    request = EditRequest(subject="Acme Corp", prompt="The CEO of {} is", target_new="Jane Doe",
+                          neighborhood_prompts=[Probe(prompt="The capital of Spain is", target="Madrid"),
+                                                Probe(prompt="The CEO of Globex is", target="Ann Lee"),
+                                                Probe(prompt="Acme Corp was founded in", target="1950")])
+    _, manager, _ = fleet(1)
+    facts = manager._facts(probes_from_requests([request]))
+    prompts = [f.prompt for f in facts]
+    assert "The CEO of Globex is" in prompts  # checked on the canary like any control fact
+    assert "Acme Corp was founded in" not in prompts  # about the edited subject: meant to be free to change
+    assert prompts.count("The capital of Spain is") == 1
 
 
 def test_a_later_swap_failure_rolls_back_every_updated_replica_in_reverse() -> None:

@@ -247,7 +247,7 @@ class EditWorker:
         Raises ``CompactionRefused`` or ``GuardRejection`` (health budget) with the worker unchanged."""
         self._require_version(job.parent)
         start = time.perf_counter()
-        live = live_edits(self.store, job.parent)
+        live = live_edits(self.store, job.parent, exclude=job.exclude)
         subjects = self.edited_subjects | {r.subject for r in live.requests}
         readings: list[GeneralHealth] = []
         gate = self.health
@@ -274,7 +274,8 @@ class EditWorker:
                  len(live), job.version, seconds["leader_total"], done.efficacy(after=False), done.efficacy())
         return EditResult(
             version=job.version, parent=job.parent, edit_ids=[], deltas=result.deltas, aux=result.aux,
-            checksums=checksums, v_nll=[], seconds=seconds, metrics=metrics, reference=reference, kind="compaction",
+            checksums=checksums, v_nll=[], seconds=seconds, metrics=metrics, reference=reference,
+            kind="revert" if job.exclude else "compaction",
             missed_edit_ids=done.lost,  # took before, not after (only when EDITQ_COMPACT_MAX_LOST allows any)
         )
 

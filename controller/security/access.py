@@ -9,6 +9,7 @@ moving windows kept in Redis by the ``limits`` library, so every API process enf
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Literal
@@ -42,6 +43,11 @@ class Principal(BaseModel):
     @property
     def limit_id(self) -> str:
         return self.key_id or self.name
+
+    @property
+    def audit_name(self) -> str:
+        """For the audit trail: the name and which key it was (several keys may share a name)."""
+        return f"{self.name}#{self.key_id}" if self.key_id else self.name
 
 
 def _unauthorized(message: str) -> HTTPException:
@@ -81,14 +87,22 @@ class AccessControl:
             subject, scopes = await asyncio.to_thread(self.oidc.verify, credential)
         except TokenError as err:
             raise _unauthorized(f"invalid token: {err}") from None
+        if len(subject) > 80 or not subject.isprintable():  # `source` holds at most 100 characters
+            subject = "sha256-" + hashlib.sha256(subject.encode()).hexdigest()[:32]
         return Principal(name=f"oidc:{subject}", scopes=frozenset(scopes), via="oidc")
 
     async def _charge(self, items: list[RateLimitItem], identity: str, cost: int, what: str) -> None:
+        for item in items:  # test every window first, so a refusal does not use up the others
+            if not await self.limiter.test(item, identity, cost=cost):
+                await self._refuse(item, identity, what)
         for item in items:
             if not await self.limiter.hit(item, identity, cost=cost):
-                stats = await self.limiter.get_window_stats(item, identity)
-                retry = max(1, int(stats.reset_time - time.time()) + 1)
-                raise HTTPException(429, f"{what} exceeded: {item} per key", headers={"Retry-After": str(retry)})
+                await self._refuse(item, identity, what)
+
+    async def _refuse(self, item: RateLimitItem, identity: str, what: str) -> None:
+        stats = await self.limiter.get_window_stats(item, identity)
+        retry = max(1, int(stats.reset_time - time.time()) + 1)
+        raise HTTPException(429, f"{what} exceeded: {item} per key", headers={"Retry-After": str(retry)})
 
     async def charge_request(self, principal: Principal) -> None:
         if principal.via == "open":

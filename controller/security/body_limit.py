@@ -22,7 +22,7 @@ class BodySizeLimit:
             return
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
-        if declared is not None:
+        if declared is not None and b"transfer-encoding" not in headers:  # with both, the framing may be chunked
             if not declared.isdigit() or int(declared) > self.max_bytes:
                 await self._refuse(send)
                 return

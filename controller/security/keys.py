@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, Field, StringConstraints, TypeAdapter
 from redis.asyncio import Redis
 
 from shared.audit import AuditAction, AuditEntry, AuditTrail
@@ -28,7 +28,9 @@ class Scope(StrEnum):
     admin = "admin"  # everything, including the audit trail, pause/resume, rollbacks and keys
 
 
-KeyName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._@:-]+$")]
+# No ':' -- names cannot pose as 'oidc:<sub>' or 'cli:<user>' principals; 'controller' and 'api' are reserved.
+KeyName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._@-]+$")]
+RESERVED_NAMES = frozenset({"controller", "api", "anonymous"})
 
 
 class ApiKey(BaseModel):
@@ -70,15 +72,18 @@ class KeyStore:
             from limits import parse_many
 
             parse_many(rate_limit)  # ValueError names a malformed limit before anything is stored
-        key_id = secrets.token_hex(4)
-        secret = f"eq_{key_id}_{secrets.token_urlsafe(32)}"
+        TypeAdapter(KeyName).validate_python(name)  # a bad name fails before anything is stored
+        if name.lower() in RESERVED_NAMES:
+            raise ValueError(f"key name {name!r} is reserved")
+        while True:
+            key_id = secrets.token_hex(8)
+            secret = f"eq_{key_id}_{secrets.token_urlsafe(32)}"
+            hashed = digest(secret)
+            if await self.redis.hsetnx(self.index_key, key_id, hashed):  # never overwrite another key's id
+                break
         record = ApiKey(key_id=key_id, name=name, scopes=sorted(set(scopes)), created_at=datetime.now(UTC),
                         created_by=created_by, rate_limit=rate_limit)
-        hashed = digest(secret)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.set(self._record + hashed, record.model_dump_json())
-        pipe.hset(self.index_key, key_id, hashed)
-        await pipe.execute()
+        await self.redis.set(self._record + hashed, record.model_dump_json())
         await self.audit.append(AuditEntry(action=AuditAction.key_created, principal=created_by,
                                            detail=f"key {key_id} '{name}' scopes {','.join(record.scopes)}"))
         return secret, record

@@ -91,31 +91,40 @@ def compact(
     hp = editor.hparams
     if hp.algo not in COMPACTABLE_ALGOS:
         raise ValueError(f"compaction solves {', '.join(COMPACTABLE_ALGOS)} in closed form, not {hp.algo}")
-    if not live.requests:
-        raise ValueError("nothing to compact: no live edits")
-    if live.targets.shape[0] != len(live.requests):
+    if live.requests and live.targets.shape[0] != len(live.requests):
         raise ValueError(f"{live.targets.shape[0]} targets for {len(live.requests)} edits")
     editor.prepare()
     model, tokenizer, layout = editor.model, editor.tokenizer, editor.layout
     seconds: dict[str, float] = {}
     current = dict(editor.state.weights)
     base = {layer: w.float() for layer, w in editor.base_weights().items()}
-    took_before = editor.timed(seconds, "efficacy_before", lambda: edit_success(model, tokenizer, live.requests))
+    def success() -> torch.Tensor:
+        return edit_success(model, tokenizer, live.requests) if live.requests else torch.empty(0)
+
+    took_before = editor.timed(seconds, "efficacy_before", success)
     try:
         for layer in hp.layers:
             layout.set_weight(model, layer, base[layer])
-        reader = editor.reader(live.requests)
-        first = editor.timed(seconds, "keys", lambda: reader.read(hp.layers[0], hp.layers[-1]))
-        solved = editor.solve_layers(
-            live.requests, live.targets.to(editor.device), seconds, reader, first, basis=base, prev_cov={}
-        )
+        if live.requests:
+            reader = editor.reader(live.requests)
+            first = editor.timed(seconds, "keys", lambda: reader.read(hp.layers[0], hp.layers[-1]))
+            solved = editor.solve_layers(
+                live.requests, live.targets.to(editor.device), seconds, reader, first, basis=base, prev_cov={}
+            )
+            joints, keys_after, filtered = solved.deltas, solved.keys_after, solved.filtered_energy
+        else:  # every edit reverted: the weights go back to the base
+            joints, keys_after, filtered = [None] * len(hp.layers), {}, {}
         deltas, new = [], {}
-        for joint, layer in zip(solved.deltas, hp.layers, strict=True):
-            delta = MatrixDelta.from_dense(joint.name, joint.apply(base[layer]) - current[layer], joint.transposed)
+        for joint, layer in zip(joints, hp.layers, strict=True):
+            target = joint.apply(base[layer]) if joint is not None else base[layer]
+            name, transposed = layout.weight_name(layer), layout.is_transposed(model, layer)
+            if joint is not None:
+                name, transposed = joint.name, joint.transposed
+            delta = MatrixDelta.from_dense(name, target - current[layer], transposed)
             new[layer] = delta.apply(current[layer])
             layout.set_weight(model, layer, new[layer])
             deltas.append(delta)
-        takes_after = editor.timed(seconds, "efficacy_after", lambda: edit_success(model, tokenizer, live.requests))
+        takes_after = editor.timed(seconds, "efficacy_after", success)
         lost = int(((took_before >= 0.5) & (takes_after < 0.5)).sum())
         if max_lost is not None and lost > max_lost:
             raise CompactionRefused(
@@ -130,21 +139,25 @@ def compact(
     state.weights.update(new)
     state.prev_keys_cov.clear()
     state.prev_keys.clear()
-    editor.accumulate_keys(solved.keys_after)
+    editor.accumulate_keys(keys_after)
     state.n_batches += 1
     after = [bool(x >= 0.5) for x in takes_after.tolist()]
     result = BatchResult(
-        [], list(hp.layers), deltas, solved.keys_after, torch.empty(0), [], 0, seconds, solved.filtered_energy,
-        guard_efficacy=sum(after) / len(after), diagnostics={"compacted_edits": float(len(live))}, compacted=True,
+        [], list(hp.layers), deltas, keys_after, torch.empty(0), [], 0, seconds, filtered,
+        guard_efficacy=sum(after) / len(after) if after else 1.0, diagnostics={"compacted_edits": float(len(live))},
+        compacted=True,
     )
     return Compacted(result, live.requests, [bool(x >= 0.5) for x in took_before.tolist()], after)
 
 
-def live_edits(store: WeightStore, version: int) -> LiveEdits:
-    """The live edits of ``version``'s lineage with their stored v*, oldest first (compactions write none)."""
+def live_edits(store: WeightStore, version: int, exclude: Iterable[str] = ()) -> LiveEdits:
+    """The live edits of ``version``'s lineage with their stored v*, oldest first (compactions write none), without
+    the edits a revert on the lineage took out, nor ``exclude``."""
     pairs: list[tuple[EditRequest, torch.Tensor]] = []
-    for manifest in lineage(store, version):
-        if manifest.kind == "compaction":
+    chain = lineage(store, version)
+    gone = set(exclude) | {e for m in chain for e in m.reverted_edit_ids}
+    for manifest in chain:
+        if manifest.kind != "edit":
             continue
         _, aux = store.deltas(manifest.version)
         targets = aux.get(TARGETS_AUX)
@@ -153,5 +166,5 @@ def live_edits(store: WeightStore, version: int) -> LiveEdits:
                 f"version {manifest.version} records no edits with their v* (written before compaction existed, or "
                 "by an algorithm without v*): this lineage cannot be compacted"
             )
-        pairs += zip(manifest.edits, targets, strict=True)
+        pairs += [(r, t) for r, t in zip(manifest.edits, targets, strict=True) if r.edit_id not in gone]
     return LiveEdits.latest(pairs)

@@ -200,6 +200,13 @@ class ReplicaStatus(BaseModel):
         return self.state == ReplicaState.ready
 
 
+class ControlFact(BaseModel):
+    """A fact the model knows and every version must keep."""
+
+    prompt: str
+    answer: str
+
+
 class EditProbe(BaseModel):
     """A prompt that must answer ``target_new`` after the version that holds its edit."""
 
@@ -209,13 +216,9 @@ class EditProbe(BaseModel):
     target_new: str
     target_true: str | None = None
     subject: str | None = Field(default=None, description="Control facts about this subject are not judged.")
-
-
-class ControlFact(BaseModel):
-    """A fact the model knows and every version must keep."""
-
-    prompt: str
-    answer: str
+    neighbours: list[ControlFact] = Field(
+        default_factory=list, description="The client's neighbourhood prompts: answers the edit must not change.",
+    )
 
 
 class ReplicaUnavailableError(RuntimeError):
