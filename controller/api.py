@@ -180,6 +180,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(422, [{"loc": ["body", "edit_id"], "type": "duplicate",
                                        "msg": "the same edit_id twice in one request"}])
         await _refuse_conflicts(streams, requests)  # before anything is stored
+        if settings.retrieval_enabled:
+            held = await streams.redis.hlen(f"{settings.retrieval_prefix()}:entries")
+            if held + len(requests) > settings.retrieval_max_entries:
+                raise HTTPException(503, f"retrieval tier at capacity ({held} of {settings.retrieval_max_entries} "
+                                    "entries): an accepted edit must have somewhere to go; retry later",
+                                    headers={"Retry-After": "60"})
         await access.charge_edits(principal, len(requests))
         results = [await streams.submit(r, principal.audit_name) for r in requests]
         conflicts = [r.edit_id for r in results if r.conflict]  # raced with another writer after the check

@@ -15,11 +15,11 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, HTTPException
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from controller.router import NoReplicaError, Router
 from shared.streams import EditStreams
@@ -34,6 +34,9 @@ from workers.serving.schemas import (
 
 # Answered 503: no replica (at min_version) came up, or every retry found replicas swapping / aborting.
 UNAVAILABLE = (NoReplicaError, ReplicaUnavailableError, RequestAbortedError)
+# Bounds on the work one request may ask for (the body itself is capped by EDITQ_MAX_BODY_BYTES).
+MAX_PROMPTS, MAX_NEW_TOKENS, MAX_STOPS, MAX_MESSAGES = 64, 4096, 4, 256
+Prompt = Annotated[str, StringConstraints(max_length=32_000)]
 MIN_VERSION_HEADER = "X-Editq-Min-Version"
 VERSION_HEADER = "X-Editq-Version"
 
@@ -44,7 +47,7 @@ class _Sampling(BaseModel):
     model: str | None = None
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
     seed: int | None = None
     ignore_eos: bool = False  # vLLM's extension
     n: Literal[1] = 1
@@ -57,14 +60,14 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
-    max_tokens: int = Field(default=16, ge=1)
+    prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PROMPTS)]
+    max_tokens: int = Field(default=16, ge=1, le=MAX_NEW_TOKENS)
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
 
 
 def _error(status: int, message: str, kind: str) -> JSONResponse:

@@ -121,18 +121,21 @@ class Publisher:
         manifest = self.store.manifest(head)
         requests = await self.streams.requests(manifest.edit_ids)
         ordered = [requests[e] for e in manifest.edit_ids if e in requests]
-        probes = self.compaction_probes(manifest) if manifest.kind == "compaction" else ()
-        return await self.publish(head, ordered, manifest.missed_edit_ids, probes)
+        probes = self.compaction_probes(manifest) if manifest.kind != "edit" else ()
+        gone = await self.streams.requests(manifest.reverted_edit_ids)  # a revert: they must answer as before
+        return await self.publish(head, ordered, manifest.missed_edit_ids, probes, list(gone.values()))
 
     def compaction_probes(self, manifest: VersionManifest, n: int = COMPACTION_PROBES) -> list[EditRequest]:
-        """A compaction writes no edits of its own but re-solves all of them: the canary probes the newest
-        ``n`` live edits that took (their manifests hold the requests)."""
+        """A compaction (or revert) writes no edits of its own but re-solves all of them: the canary probes the
+        newest ``n`` live edits that took (their manifests hold the requests), never a reverted one."""
         out: dict[str, EditRequest] = {}  # by prompt text: only the newest edit of a prompt is live
         lost = set(manifest.missed_edit_ids)
+        reverted = set(manifest.reverted_edit_ids)
         parent = manifest.parent
         while parent and len(out) < n:
             earlier = self.store.manifest(parent)
-            skip = lost | set(earlier.missed_edit_ids)
+            reverted |= set(earlier.reverted_edit_ids)  # reverts come after the edits they take out
+            skip = lost | reverted | set(earlier.missed_edit_ids)
             for r in reversed(earlier.edits):
                 if len(out) < n and r.edit_id not in skip:
                     out.setdefault(r.text, r)
@@ -142,12 +145,13 @@ class Publisher:
     # ---- one rollout --------------------------------------------------------------------------------------------
     async def publish(
         self, version: int, requests: Sequence[EditRequest], missed: Sequence[str] = (),
-        extra_probes: Sequence[EditRequest] = (),
+        extra_probes: Sequence[EditRequest] = (), reverted: Sequence[EditRequest] = (),
     ) -> str:
         """Make committed ``version`` live (or roll it back); returns ``live``, ``rolled_back`` or ``pending``.
         ``requests``/``missed``: its own edits and those that did not take (they stay in the retrieval tier); the
         edits of earlier versions that were never live are read from their manifests and decided with it.
-        ``extra_probes``: edits the canary also checks (a compaction's sample of the live edits)."""
+        ``extra_probes``: edits the canary also checks (a compaction's sample of the live edits); ``reverted``:
+        edits the version takes out, which the canary checks no longer answer their new target."""
         ids = [r.edit_id for r in requests]
         if self.rollout is None:
             taken = [e for e in ids if e not in set(missed)]
@@ -166,7 +170,8 @@ class Publisher:
         probed = [r for r in (*(known[e] for e in earlier_ids if e in known), *requests) if r.edit_id not in all_missed]
         # Probe only the edits that took on the worker: the canary must reproduce the update, and the edits the
         # efficacy check found weak are answered by the tier, not by these weights.
-        result = await self.rollout.deploy(version, probes_from_requests([*probed, *extra_probes]))
+        probes = probes_from_requests([*probed, *extra_probes]) + probes_from_requests(reverted, absent=True)
+        result = await self.rollout.deploy(version, probes)
         if result.status == "live":
             recorded = 0
             for number, edit_ids in groups:

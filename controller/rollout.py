@@ -91,11 +91,13 @@ class RolloutResult(BaseModel):
     seconds: float = 0.0
 
 
-def probes_from_requests(requests: Sequence[EditRequest]) -> list[EditProbe]:
-    """The probes of a batch: each edit's own prompt must now answer its ``target_new``."""
+def probes_from_requests(requests: Sequence[EditRequest], absent: bool = False) -> list[EditProbe]:
+    """The probes of a batch: each edit's own prompt must now answer its ``target_new`` (with ``absent``: must no
+    longer, for edits a revert takes out)."""
     return [
         EditProbe(prompt=r.text, target_new=r.target_new, target_true=r.target_true, subject=r.subject,
-                  neighbours=[ControlFact(prompt=n.prompt, answer=n.target) for n in r.neighborhood_prompts])
+                  neighbours=[ControlFact(prompt=n.prompt, answer=n.target) for n in r.neighborhood_prompts],
+                  absent=absent)
         for r in requests
     ]
 
@@ -178,18 +180,19 @@ class RolloutManager:
         answers = await self._greedy(client, [p.prompt for p in probes])
         failed = []
         for probe, text in zip(probes, answers, strict=True):
-            if contains(text, probe.target_new):
-                continue
-            if probe.target_true:
+            takes = contains(text, probe.target_new)
+            if not takes and probe.target_true:
                 scores = (await client.score(ScoreRequest(
                     prompt=probe.prompt, candidates=[probe.target_new, probe.target_true]
                 ))).mean_logprobs
-                if scores[0] > scores[1]:
-                    continue
-            failed.append(f"{probe.prompt!r} -> {text.strip()[:40]!r} (want {probe.target_new!r})")
+                takes = scores[0] > scores[1]
+            if takes != probe.absent:
+                continue
+            want = f"not {probe.target_new!r} (reverted)" if probe.absent else repr(probe.target_new)
+            failed.append(f"{probe.prompt!r} -> {text.strip()[:40]!r} (want {want})")
         rate = 1 - len(failed) / len(probes)
         ok = rate >= self.settings.serving_probe_min_pass
-        detail = f"{len(probes) - len(failed)}/{len(probes)} edits answer their new target"
+        detail = f"{len(probes) - len(failed)}/{len(probes)} edits answer as the version says"
         if failed:
             detail += "; failing: " + "; ".join(failed[:5])
         return GateResult(gate="probes", replica=client.name, ok=ok, detail=detail, value=rate)

@@ -100,6 +100,11 @@ def init_ray(num_cpus: int | None = None) -> None:
     if "RAY_ADDRESS" not in os.environ:
         kwargs["num_cpus"] = num_cpus or max(2, os.cpu_count() or 2)
     ray.init(**kwargs)
+    # Ray 2.60's gRPC servers listen on every interface whatever the node address, so its token auth (on by default
+    # for a new local cluster, token in ~/.ray/auth_token) is the guard: say so loudly when it is off.
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        log.warning("Ray token auth is off (RAY_AUTH_MODE=%s): anyone who reaches this machine's Ray ports can run "
+                    "code in it", os.environ.get("RAY_AUTH_MODE", "unset"))
 
 
 def controller_name(settings: Settings) -> str:

@@ -241,6 +241,11 @@ class Controller:
             await self._sweep()
             if self.publisher.rollout is not None:
                 await self.publisher.rollout.reconcile()
+            if s.edit_stream_retention_s is not None:
+                trimmed = await self.streams.trim_processed(s.edit_stream_retention_s)
+                if trimmed:
+                    log.info("trimmed %d processed edit-stream entries (retention %.0f s)", trimmed,
+                             s.edit_stream_retention_s)
             depth = await self.streams.queue_depth()
             self.metrics.set("editq_queue_lag_entries", depth["lag"])
             self.metrics.set("editq_queue_pending_entries", depth["pending"])

@@ -55,6 +55,11 @@ class Settings(BaseSettings):
         default=1_000_000, description="Approximate cap of the outcome and dead-letter streams (never the edit "
         "stream: trimming it on Redis 7.0 could drop entries that are still pending)."
     )
+    edit_stream_retention_s: float | None = Field(
+        default=7 * 24 * 3600.0, gt=0, description="Acknowledged edit-stream entries older than this are trimmed "
+        "by the janitor (never one still pending or undelivered; the request stays in the edit's record, the "
+        "manifests and the audit trail). None: never trim.",
+    )
     max_deliveries: int = Field(
         default=5, ge=1, description="An edit stream entry delivered more often than this goes to the dead letters."
     )
@@ -218,6 +223,10 @@ class Settings(BaseSettings):
     retrieval_top_k: int = Field(
         default=1, ge=1, le=8, description="Text and hybrid injection: put the statements of up to this many "
         "retrieved edits above the sentinel in front of a query (a query may need two facts about one subject).",
+    )
+    retrieval_max_entries: int = Field(
+        default=1_000_000, ge=1, description="Most edits the retrieval tier holds. At capacity the door answers 503 "
+        "(an accepted edit must always have somewhere to go); compaction and reverts free entries.",
     )
     retrieval_refresh_s: float = Field(
         default=0.2, gt=0, description="How often a reader replays other processes' tier changes (visibility lag)."

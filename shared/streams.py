@@ -3,7 +3,8 @@
 Layout (all keys share the hash tag ``{<namespace>}`` so a Redis Cluster keeps them in one slot, which the Lua
 scripts below need):
 
-* ``{ns}:edits``     edit stream, consumer group ``controller``; never trimmed (pending entries must survive)
+* ``{ns}:edits``     edit stream, consumer groups ``controller`` and ``retrieval``; only entries every group
+  acknowledged, older than ``EDITQ_EDIT_STREAM_RETENTION_S``, are trimmed (``trim_processed``)
 * ``{ns}:outcomes``  one entry per terminal outcome
 * ``{ns}:dlq``       dead letters, with the reason
 * ``{ns}:edit:<id>`` per-edit hash (state, stream id, version, reason); also the idempotency record
@@ -340,12 +341,40 @@ class EditStreams:
         lag = group.get("lag")
         return {"lag": int(lag if lag is not None else 0), "pending": int(group["pending"]), "length": length}
 
+    async def trim_processed(self, retention_s: float) -> int:
+        """Drop edit-stream entries that every consumer group has acknowledged and that are older than
+        ``retention_s``; returns how many went. Nothing pending or undelivered is ever trimmed (an entry's request
+        also lives in its edit record, the manifests and the audit trail, so history keeps it)."""
+        try:
+            groups = await self.redis.xinfo_groups(self.edits_key)
+        except ResponseError:
+            return 0
+        if not groups:
+            return 0
+        bounds = [_stream_id(f"{int((datetime.now(UTC).timestamp() - retention_s) * 1000)}-0")]
+        for group in groups:
+            if int(group["pending"]):
+                summary = await self.redis.xpending(self.edits_key, group["name"])
+                bounds.append(_stream_id(summary["min"]))  # the oldest entry still being worked on
+            else:
+                ms, seq = _stream_id(group["last-delivered-id"])
+                bounds.append((ms, seq + 1))  # everything delivered to this group is done
+        ms, seq = min(bounds)
+        if ms <= 0:
+            return 0
+        return int(await self.redis.xtrim(self.edits_key, minid=f"{ms}-{seq}", approximate=False))
+
     async def delete_namespace(self) -> int:
         """Remove every key of this namespace (tests and `editq reset`)."""
         deleted = 0
         async for key in self.redis.scan_iter(match="{" + self.namespace + "}:*", count=1000):
             deleted += await self.redis.delete(key)
         return deleted
+
+
+def _stream_id(value: str) -> tuple[int, int]:
+    ms, _, seq = value.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _status(edit_id: str, row: dict[str, str]) -> EditStatus | None:

@@ -53,3 +53,31 @@ def test_kuberay_is_locked_down() -> None:
     policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "NetworkPolicy"}
     redis_from = policies["editq-redis"]["spec"]["ingress"][0]["from"]
     assert redis_from == [{"podSelector": {"matchLabels": {"app": "editq"}}}]
+
+
+def test_a_local_ray_cluster_runs_with_token_auth(tmp_path) -> None:
+    """`editq up`'s local Ray cluster: every gRPC port listens on all interfaces in Ray 2.60, so token auth must be on;
+    a client without the token is refused."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    script = (
+        "import os, subprocess, sys, ray\n"
+        "from controller.runtime import init_ray\n"
+        "init_ray(1)\n"
+        "print('MODE', os.environ.get('RAY_AUTH_MODE'))\n"
+        "gcs = ray.get_runtime_context().gcs_address\n"
+        "intruder = {**{k: v for k, v in os.environ.items() if not k.startswith('RAY_')}, 'RAY_AUTH_MODE': 'token',\n"
+        "            'RAY_AUTH_TOKEN': 'f' * 32}\n"
+        "probe = subprocess.run([sys.executable, '-c', f'import ray; ray.init(address={gcs!r})'], env=intruder,\n"
+        "                       capture_output=True, text=True, timeout=120)\n"
+        "print('INTRUDER', probe.returncode, 'InvalidAuthToken' in probe.stderr or 'Authentication' in probe.stderr)\n"
+        "ray.shutdown()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240,
+                          cwd=DEPLOY.parent)
+    assert "MODE token" in done.stdout, done.stdout + done.stderr[-2000:]
+    intruder = next(line for line in done.stdout.splitlines() if line.startswith("INTRUDER")).split()
+    assert intruder[1] != "0" and intruder[2] == "True", done.stdout  # a wrong token is refused

@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from redis import Redis
 
@@ -165,3 +166,36 @@ def test_secrets_in_redis_urls_are_redacted() -> None:
     assert redacted_url("rediss://user:s3cret@h/0") == "rediss://***@h/0"
     assert "s3cret" not in redacted_url("redis://h:6379/0?password=s3cret")
     assert redacted_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+def test_a_full_retrieval_tier_refuses_new_edits_at_the_door(redis_url, tmp_path) -> None:
+    settings = Settings(redis_url=redis_url, namespace=f"test-{uuid.uuid4().hex[:10]}", home=tmp_path,
+                        retrieval_max_entries=2)
+    r = Redis.from_url(redis_url)
+    r.hset(f"{settings.retrieval_prefix()}:entries", mapping={"a": "{}", "b": "{}"})  # two edits held
+    headers = {"Authorization": f"Bearer {admin_key(settings, 'feeder')}"}
+    try:
+        with TestClient(create_app(settings), headers=headers) as c:
+            full = c.post("/v1/edits", json=EDIT)
+            assert full.status_code == 503 and "at capacity" in full.text and full.headers["retry-after"]
+            assert _stored(settings) == 0
+            r.hdel(f"{settings.retrieval_prefix()}:entries", "a")
+            assert c.post("/v1/edits", json=EDIT).status_code == 202
+    finally:
+        for key in r.scan_iter(match="{" + settings.namespace + "}:*"):
+            r.delete(key)
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"prompt": ["x"] * 65}, "prompt"), ({"prompt": []}, "prompt"), ({"prompt": "x", "max_tokens": 100_000},
+                                                                      "max_tokens"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"prompt": "x" * 32_001}, "prompt"),
+])
+def test_openai_requests_are_bounded(body, field) -> None:
+    from controller.openai_api import build_openai_router
+
+    app = FastAPI()
+    app.include_router(build_openai_router(lambda: None, "smol"))  # refused before any replica is asked
+    with TestClient(app) as c:
+        response = c.post("/v1/completions", json=body)
+        assert response.status_code == 422 and field in str(response.json()["detail"])

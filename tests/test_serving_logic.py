@@ -136,6 +136,16 @@ def test_failed_canary_gate_rolls_back_and_leaves_the_rest_untouched(version: in
     assert [e for e in log if e[0] == "swap"] == [("swap", "r0", version, True), ("swap", "r0", 0, False)]
 
 
+@pytest.mark.parametrize(("version", "status"), [(NO_TAKE, "live"), (GOOD, "rolled_back")])
+def test_a_revert_rolls_out_only_when_the_reverted_edit_is_gone(version: int, status: str) -> None:
+    replicas, manager, _ = fleet(2)
+    reverted = PROBE.model_copy(update={"absent": True})  # the version must no longer answer "Sega"
+    result = asyncio.run(manager.deploy(version, [reverted]))
+    assert result.status == status, result.reason
+    if status == "rolled_back":
+        assert "(reverted)" in result.reason and [r.version for r in replicas] == [0, 0]
+
+
 def test_lost_control_fact_fails_the_gate_even_without_probes() -> None:
     replicas, manager, _ = fleet(2)
     result = asyncio.run(manager.deploy(BAD, []))

@@ -105,3 +105,29 @@ def test_dead_letter_keeps_the_reason_and_never_fails_another_edit(run) -> None:
     assert "invalid EditRequest" in dlq[0][1]["reason"]
     assert real.state == EditState.queued  # a corrupt copy of a real edit's id does not fail the real edit
     assert orphan.state == EditState.failed and orphan.reason_code == ReasonCode.invalid_payload
+
+
+def test_trimming_drops_only_what_every_group_acknowledged(run) -> None:
+    async def go(streams: EditStreams):
+        ids = [(await streams.submit(_req(f"t{i}", f"City {i}"))).stream_id for i in range(5)]
+        await streams.ensure_group("retrieval")
+        assert await streams.trim_processed(0) == 0  # the retrieval group has read nothing yet
+        for group in ("controller", "retrieval"):
+            got = await streams.read("c", 3, None, group=group)
+            assert [e.stream_id for e in got] == ids[:3]
+            await streams.ack(ids[:2], group=group)  # t2 stays pending in both groups; t3, t4 undelivered
+        assert await streams.trim_processed(3600) == 0  # all younger than the retention
+        trimmed = await streams.trim_processed(0)
+        left = [sid for sid, _ in await streams.redis.xrange(streams.edits_key)]
+        await streams.ack(ids[2:3], group="controller")
+        partly = await streams.trim_processed(0)  # still pending in the retrieval group
+        await streams.ack(ids[2:3], group="retrieval")
+        last = await streams.trim_processed(0)
+        final = [sid for sid, _ in await streams.redis.xrange(streams.edits_key)]
+        status = await streams.status("t0")
+        return trimmed, left, partly, last, final, ids, status
+
+    trimmed, left, partly, last, final, ids, status = run(go)
+    assert trimmed == 2 and left == ids[2:]
+    assert partly == 0 and last == 1 and final == ids[3:]  # undelivered entries are never trimmed
+    assert status is not None and status.state == EditState.queued  # the edit's record keeps it

@@ -219,6 +219,7 @@ class EditProbe(BaseModel):
     neighbours: list[ControlFact] = Field(
         default_factory=list, description="The client's neighbourhood prompts: answers the edit must not change.",
     )
+    absent: bool = Field(default=False, description="A reverted edit: the prompt must no longer answer target_new.")
 
 
 class ReplicaUnavailableError(RuntimeError):
