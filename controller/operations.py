@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 
 from shared.audit import AuditAction, AuditEntry
+from shared.settings import Settings
 from shared.streams import EditStreams
 from shared.weight_store import WeightStore, lineage
 
@@ -68,6 +70,28 @@ async def controller_health(streams: EditStreams) -> tuple[bool, dict]:
         return False, {"state": "absent", "error": "no controller heartbeat"}
     record = json.loads(raw)
     return record.get("state") in HEALTHY_STATES, record
+
+
+SECRET_SETTINGS = frozenset({"redis_url", "api_key"})
+
+
+async def record_settings(streams: EditStreams, settings: Settings, principal: str = "controller") -> list[str]:
+    """Audit a controller start, and which settings changed since the last one (values, never secrets); returns
+    the changed names."""
+    now = {k: v for k, v in settings.model_dump(mode="json").items() if k not in SECRET_SETTINGS}
+    key = "{" + streams.namespace + "}:settings"
+    raw = await streams.redis.get(key)
+    before = json.loads(raw) if raw else None
+    changed = [] if before is None else sorted(k for k in now.keys() | before.keys() if now.get(k) != before.get(k))
+    await streams.redis.set(key, json.dumps(now, sort_keys=True))
+    digest = hashlib.sha256(json.dumps(now, sort_keys=True).encode()).hexdigest()[:16]
+    await streams.audit.append(AuditEntry(action=AuditAction.controller_started, principal=principal,
+                                          detail=f"settings sha256:{digest}"))
+    if changed:
+        detail = "; ".join(f"{k}: {json.dumps(before.get(k))} -> {json.dumps(now.get(k))}" for k in changed)
+        await streams.audit.append(AuditEntry(action=AuditAction.settings_changed, principal=principal,
+                                              detail=detail[:2000]))
+    return changed
 
 
 class RedisStateLostError(RuntimeError):

@@ -158,6 +158,7 @@ class Controller:
         s = self.settings
         await operations.check_redis_state(self.streams, self.store)  # before anything reads head 0 as the truth
         await self.streams.ensure_group()
+        await operations.record_settings(self.streams, s)
         if s.serving_replicas > 0:
             from controller.rollout import RolloutManager
             from controller.router import spawn_replicas

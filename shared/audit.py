@@ -38,6 +38,8 @@ class AuditAction(StrEnum):
     rollback_refused = "rollback_refused"
     compaction_requested = "compaction_requested"
     recovered = "recovered"  # head and live set from the store after Redis lost its state
+    controller_started = "controller_started"
+    settings_changed = "settings_changed"  # a controller started with other settings than the last one
 
 
 class AuditEntry(BaseModel):

@@ -141,3 +141,30 @@ def test_a_controller_refuses_to_start_on_a_redis_that_lost_its_state(redis_url,
     head, live, fresh, audit = asyncio.run(go())
     assert head == live == 2 and fresh == 3
     assert any(e.action == AuditAction.recovered and e.principal == "cli:ops" and e.version == 2 for e in audit)
+
+
+def test_controller_starts_and_setting_changes_are_audited_without_secrets(redis_url) -> None:
+    from controller.operations import record_settings
+    from shared.settings import Settings
+
+    namespace = f"test-{uuid.uuid4().hex[:10]}"
+    secret_url = redis_url.replace("redis://", "redis://:hunter2-secret@") if "@" not in redis_url else redis_url
+
+    async def go():
+        streams = EditStreams.from_url(redis_url, namespace)
+        try:
+            first = await record_settings(streams, Settings(namespace=namespace, batch_max_size=25))
+            second = await record_settings(streams, Settings(namespace=namespace, batch_max_size=50,
+                                                             redis_url=secret_url))
+            snapshot = await streams.redis.get("{" + namespace + "}:settings")
+            return first, second, await streams.audit.read(count=10), snapshot
+        finally:
+            await streams.delete_namespace()
+            await streams.close()
+
+    first, second, audit, snapshot = asyncio.run(go())
+    assert first == [] and second == ["batch_max_size"]  # the Redis URL is a secret: neither diffed nor stored
+    actions = [e.action for e in audit]
+    assert actions == [AuditAction.controller_started, AuditAction.controller_started, AuditAction.settings_changed]
+    assert audit[-1].detail == "batch_max_size: 25 -> 50"
+    assert "hunter2" not in snapshot and all("hunter2" not in (e.detail or "") for e in audit)

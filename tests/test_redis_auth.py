@@ -99,3 +99,73 @@ def test_the_pipeline_runs_end_to_end_on_a_locked_redis(ray_session, locked_redi
     finally:
         stop_controller(actor, run_ref)
     assert set(states.values()) == {"applied"} and probe.head() >= 1
+
+
+def _self_signed(tmp_path):
+    """A CA and a server certificate for 127.0.0.1 (cryptography), as PEM files."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+
+    def cert(subject, issuer, key, signer, ca: bool, san=None):
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+                   .not_valid_after(now + dt.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "editq test CA")])
+    server_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    ca = cert(ca_name, ca_name, ca_key, ca_key, True)
+    server = cert(server_name, ca_name, server_key, ca_key, False, [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    paths = {name: tmp_path / f"{name}.pem" for name in ("ca", "cert", "key")}
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    paths["key"].write_bytes(server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                      serialization.NoEncryption()))
+    return paths
+
+
+def test_the_door_works_over_tls_with_a_verified_certificate(tmp_path) -> None:
+    paths = _self_signed(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["redis-server", "--port", "0", "--tls-port", str(port),
+                             "--tls-cert-file", str(paths["cert"]), "--tls-key-file", str(paths["key"]),
+                             "--tls-ca-cert-file", str(paths["ca"]),
+                             "--tls-auth-clients", "no", "--save", "", "--appendonly", "no", "--requirepass", PASSWORD],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"rediss://:{PASSWORD}@127.0.0.1:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={paths['ca']}"
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis.from_url(url).ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        with pytest.raises(redis.ConnectionError):  # plain text to a TLS port: refused
+            redis.Redis.from_url(f"redis://:{PASSWORD}@127.0.0.1:{port}/0", socket_timeout=2).ping()
+        settings = Settings(redis_url=url, namespace=f"t-{uuid.uuid4().hex[:8]}", home=tmp_path, metrics_public=True)
+        headers = {"Authorization": f"Bearer {admin_key(settings, 'ops')}"}
+        with TestClient(create_app(settings), headers=headers) as c:
+            edit = {"edit_id": "tls-1", "subject": "Acme Corp", "prompt": "The CEO of {} is", "target_new": "Jane"}
+            assert c.post("/v1/edits", json=edit).status_code == 202  # the queue, the limiter, the audit: over TLS
+            assert c.get("/v1/edits/tls-1").json()["state"] == "queued"
+            assert "editq_queue_lag_entries 1.0" in c.get("/metrics").text  # the sync scrape-time client too
+        assert PASSWORD not in redacted_url(url) and str(paths["ca"]) not in redacted_url(url)
+    finally:
+        proc.kill()
+        proc.wait()
