@@ -28,7 +28,7 @@ from controller.security.access import AccessControl, Principal
 from controller.security.body_limit import BodySizeLimit
 from controller.security.keys import Scope
 from shared.audit import AuditAction, AuditEntry
-from shared.metrics import SPECS, PrometheusMetrics, parse_metric_key
+from shared.metrics import SPECS, Kind, PrometheusMetrics, parse_metric_key
 from shared.outcomes import EditOutcome, EditStatus, SubmitResult
 from shared.schemas import EditRequest, intake_problems
 from shared.settings import Settings
@@ -77,6 +77,13 @@ class StateCollector:
         group = next((g for g in groups if g["name"] == "controller"), None)
         yield self._gauge("editq_weight_version", head)
         yield self._gauge("editq_live_version", live)
+        pending, version = 0, head
+        try:
+            while version > live:  # parent links: version numbers are not contiguous
+                version, pending = self.store.manifest(version).parent, pending + 1
+        except StoreError:
+            pass
+        yield self._gauge("editq_versions_pending_rollout", pending)
         yield self._gauge("editq_dead_letter_entries", dlq)
         if group is not None:
             yield self._gauge("editq_queue_lag_entries", int(group.get("lag") or 0))
@@ -119,7 +126,7 @@ AUDIT_AFTER = r"^(-|\d{1,20}(-\d{1,20})?)$"
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    metrics = PrometheusMetrics()
+    metrics = PrometheusMetrics(kinds=frozenset({Kind.counter, Kind.histogram}))  # gauges: StateCollector
     metrics.registry.register(StateCollector(settings))
 
     @asynccontextmanager
@@ -293,7 +300,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(503, f"redis unavailable: {type(err).__name__}") from None
         if not healthy:
             raise HTTPException(503, f"controller {controller.get('state')}: {controller.get('error') or ''}".strip())
-        return {"status": "ok", "controller": str(controller.get("state"))}
+        state = str(controller.get("state"))
+        return {"status": "degraded" if state == "retrying" else "ok", "controller": state}
 
     metrics_guard = [] if settings.metrics_public else [Depends(access.require(Scope.metrics))]
 

@@ -104,14 +104,15 @@ def rollback(
 
 def recover(
     head: Annotated[int, typer.Option("--head", min=0, help="The committed version to serve (see the store).")],
+    force: Annotated[bool, typer.Option(help="Even though Redis has state (bypasses the rollout gates).")] = False,
 ) -> None:
     """After Redis lost its state (the controller refuses to start and says so): make a version of the weight store
     head and live again. Queued edits and outcomes that lived only in Redis are gone; the store's versions stay."""
     settings = Settings()
     store = LocalWeightStore(settings.resolved_store_dir())
     try:
-        with_streams(lambda s: operations.recover_head(s, store, head, operator()))
-    except StoreError as err:
+        with_streams(lambda s: operations.recover_head(s, store, head, operator(), force))
+    except (StoreError, operations.RecoveryRefused) as err:
         fail(str(err))
     console.print(f"head and live set to version {head}; `editq up` can start")
 

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from controller.audit_cli import register as register_operator_commands
 from controller.cli_common import HomeOpt, ModelOpt, console, fail, settings_with
+from controller.export_cli import export
 from controller.pipeline_cli import register as register_pipeline_commands
 from controller.progress import stage_progress
 from controller.query_cli import query
@@ -173,6 +174,7 @@ def demo(
 register_pipeline_commands(app)
 register_operator_commands(app)
 app.command("query")(query)
+app.command("export")(export)
 app.command("stats")(stats)
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ async def paused(streams: EditStreams) -> dict | None:
     return json.loads(raw) if raw else None
 
 
-HEALTHY_STATES = frozenset({"starting", "running", "paused", "waiting for replicas"})
+# "retrying" is a normal transient path (an infrastructure blip): still ready, reported as degraded.
+UNHEALTHY_STATES = frozenset({"absent", "failed", "stale", "stopped"})
 HEARTBEAT_S = 5.0
 
 
@@ -50,7 +51,7 @@ def heartbeat_key(streams: EditStreams) -> str:
     return "{" + streams.namespace + "}:controller"
 
 
-async def heartbeat(streams: EditStreams, state: str, error: str | None, ttl_s: float = 4 * HEARTBEAT_S) -> None:
+async def heartbeat(streams: EditStreams, state: str, error: str | None, ttl_s: float = 12 * HEARTBEAT_S) -> None:
     record = {"state": state, "error": error, "at": datetime.now(UTC).isoformat()}
     await streams.redis.set(heartbeat_key(streams), json.dumps(record), px=int(ttl_s * 1000))
 
@@ -69,7 +70,7 @@ async def controller_health(streams: EditStreams) -> tuple[bool, dict]:
     if raw is None:
         return False, {"state": "absent", "error": "no controller heartbeat"}
     record = json.loads(raw)
-    return record.get("state") in HEALTHY_STATES, record
+    return record.get("state") not in UNHEALTHY_STATES, record
 
 
 SECRET_SETTINGS = frozenset({"redis_url", "api_key"})
@@ -94,6 +95,10 @@ async def record_settings(streams: EditStreams, settings: Settings, principal: s
     return changed
 
 
+class RecoveryRefused(RuntimeError):
+    """``recover_head`` on a Redis that did not lose its state."""
+
+
 class RedisStateLostError(RuntimeError):
     """Redis holds no state for the namespace while the weight store holds versions."""
 
@@ -111,8 +116,14 @@ async def check_redis_state(streams: EditStreams, store: WeightStore) -> None:
         )
 
 
-async def recover_head(streams: EditStreams, store: WeightStore, version: int, principal: str) -> None:
-    """After a Redis loss: make committed ``version`` (its whole lineage must be in the store) head and live."""
+async def recover_head(
+    streams: EditStreams, store: WeightStore, version: int, principal: str, force: bool = False
+) -> None:
+    """After a Redis loss: make committed ``version`` (its whole lineage must be in the store) head and live.
+    Refused on a Redis that still has state (``force`` overrides: it bypasses the rollout gates)."""
+    if not force and await streams.redis.exists(streams.head_key, streams.version_seq_key):
+        raise RecoveryRefused(f"Redis still has state for namespace {streams.namespace!r}: nothing to recover (use "
+                              "`editq rollback --to N` to go back to a version)")
     lineage(store, version)  # StoreError when a version of the lineage is missing
     await streams.redis.set(streams.head_key, version)
     await streams.set_live(version)

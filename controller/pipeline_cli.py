@@ -166,6 +166,12 @@ def up(
     actor, run_ref = start_controller(settings)
     console.print(f"controller running (redis {redacted_url(redis.url)}, namespace {settings.namespace}, "
                   f"{settings.n_edit_workers} edit worker(s), store {settings.resolved_store_dir()})")
+    if api:
+        from controller.prometheus_setup import prepare_local
+
+        config = asyncio.run(prepare_local(settings))
+        console.print(f"Prometheus (API /metrics + Ray's ray_editq_* series + alert rules): prometheus "
+                      f"--config.file {config}")
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     if api and (create_key if create_key is not None else interactive) and (
         secret := asyncio.run(terminal_key(settings))

@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from controller.pool import EditWorkerPool
 from controller.rollout import RolloutManager, probes_from_requests
+from controller.undo import clear_reverts
 from shared.metrics import Metrics
 from shared.outcomes import EditOutcome, EditState, ReasonCode, Route
 from shared.schemas import EditRequest
@@ -170,7 +171,8 @@ class Publisher:
         probed = [r for r in (*(known[e] for e in earlier_ids if e in known), *requests) if r.edit_id not in all_missed]
         # Probe only the edits that took on the worker: the canary must reproduce the update, and the edits the
         # efficacy check found weak are answered by the tier, not by these weights.
-        probes = probes_from_requests([*probed, *extra_probes]) + probes_from_requests(reverted, absent=True)
+        probes = (probes_from_requests(probed, neighbours=True) + probes_from_requests(extra_probes)
+                  + probes_from_requests(reverted, absent=True))
         result = await self.rollout.deploy(version, probes)
         if result.status == "live":
             recorded = 0
@@ -211,6 +213,10 @@ class Publisher:
         # Rolled-back versions keep their numbers and files (history); only their status says they left the lineage.
         for number in sorted(({n for n, _ in groups} | {m.version for m in built_on}) - {version}):
             await self.streams.set_version_status(number, "rolled_back")
+        for number in sorted({n for n, _ in groups} | {m.version for m in built_on}):  # reverts that did not hold
+            with contextlib.suppress(StoreError):
+                gone = self.store.manifest(number).reverted_edit_ids
+                await clear_reverts(self.streams, gone, f"revert version {number} was rolled back ({reason})")
         self.metrics.inc("editq_outcomes", recorded, state=EditState.rolled_back.value)
         self.pending = None
         log.error("version %d rolled back (%s); head %d back to %d", version, reason, old_head, previous)

@@ -49,7 +49,7 @@ from workers.serving.schemas import (
 )
 
 log = logging.getLogger("editq.rollout")
-MAX_NEIGHBOUR_FACTS = 16  # of the clients' neighbourhood prompts checked per canary gate
+MAX_NEIGHBOUR_FACTS, NEIGHBOURS_PER_EDIT = 16, 4  # clients' neighbourhood prompts judged per canary gate / edit
 DEFAULT_CONTROL_FACTS_FILE = Path(__file__).resolve().parents[1] / "workers" / "evaluation" / "control_facts.json"
 BUILTIN_CONTROL_FACTS = [  # SmolLM2-135M-Instruct answers these greedily (../shared/NOTES.md)
     ControlFact(prompt="The capital of France is", answer="Paris"),
@@ -60,7 +60,7 @@ BUILTIN_CONTROL_FACTS = [  # SmolLM2-135M-Instruct answers these greedily (../sh
 
 
 class GateResult(BaseModel):
-    gate: Literal["swap", "agreement", "probes", "controls", "error_rate", "replica"]
+    gate: Literal["swap", "agreement", "probes", "controls", "neighbours", "error_rate", "replica"]
     replica: str
     ok: bool
     detail: str = ""
@@ -91,12 +91,16 @@ class RolloutResult(BaseModel):
     seconds: float = 0.0
 
 
-def probes_from_requests(requests: Sequence[EditRequest], absent: bool = False) -> list[EditProbe]:
+def probes_from_requests(
+    requests: Sequence[EditRequest], absent: bool = False, neighbours: bool = False
+) -> list[EditProbe]:
     """The probes of a batch: each edit's own prompt must now answer its ``target_new`` (with ``absent``: must no
-    longer, for edits a revert takes out)."""
+    longer, for edits a revert takes out); with ``neighbours``, the first few of the client's neighbourhood prompts
+    ride along (the version's own edits only: a compaction's sample of old edits does not re-judge them)."""
     return [
         EditProbe(prompt=r.text, target_new=r.target_new, target_true=r.target_true, subject=r.subject,
-                  neighbours=[ControlFact(prompt=n.prompt, answer=n.target) for n in r.neighborhood_prompts],
+                  neighbours=[ControlFact(prompt=n.prompt, answer=n.target)
+                              for n in r.neighborhood_prompts[:NEIGHBOURS_PER_EDIT]] if neighbours else [],
                   absent=absent)
         for r in requests
     ]
@@ -178,7 +182,7 @@ class RolloutManager:
         if not probes:
             return GateResult(gate="probes", replica=client.name, ok=True, detail="no probes given")
         answers = await self._greedy(client, [p.prompt for p in probes])
-        failed = []
+        failed, still_there = [], []
         for probe, text in zip(probes, answers, strict=True):
             takes = contains(text, probe.target_new)
             if not takes and probe.target_true:
@@ -190,8 +194,10 @@ class RolloutManager:
                 continue
             want = f"not {probe.target_new!r} (reverted)" if probe.absent else repr(probe.target_new)
             failed.append(f"{probe.prompt!r} -> {text.strip()[:40]!r} (want {want})")
+            if probe.absent:
+                still_there.append(probe.prompt)
         rate = 1 - len(failed) / len(probes)
-        ok = rate >= self.settings.serving_probe_min_pass
+        ok = rate >= self.settings.serving_probe_min_pass and not still_there  # a revert must hold, every one
         detail = f"{len(probes) - len(failed)}/{len(probes)} edits answer as the version says"
         if failed:
             detail += "; failing: " + "; ".join(failed[:5])
@@ -200,15 +206,23 @@ class RolloutManager:
     def _facts(self, probes: Sequence[EditProbe]) -> list[ControlFact]:
         """Control facts, minus those about a subject this version edits (they are meant to change)."""
         subjects = [p.subject for p in probes if p.subject]
-        facts = [f for f in self.control_facts if not any(mentions(f.prompt, s) for s in subjects)]
-        seen = {f.prompt for f in facts}
-        for fact in (n for p in probes for n in p.neighbours):  # the clients' own "must not change" prompts
-            if len(facts) >= len(self.control_facts) + MAX_NEIGHBOUR_FACTS:
-                break
-            if fact.prompt not in seen and not any(mentions(fact.prompt, s) for s in subjects):
-                facts.append(fact)
-                seen.add(fact.prompt)
-        return facts
+        return [f for f in self.control_facts if not any(mentions(f.prompt, s) for s in subjects)]
+
+    def _neighbours(self, probes: Sequence[EditProbe]) -> list[ControlFact]:
+        """The clients' own "must not change" prompts (a few per edit, round robin so no edit fills the cap), minus
+        those that mention an edited subject or repeat a control fact."""
+        subjects = [p.subject for p in probes if p.subject]
+        seen = {f.prompt for f in self.control_facts}
+        out: list[ControlFact] = []
+        for rank in range(NEIGHBOURS_PER_EDIT):
+            for probe in probes:
+                if len(out) >= MAX_NEIGHBOUR_FACTS or rank >= len(probe.neighbours):
+                    continue
+                fact = probe.neighbours[rank]
+                if fact.prompt not in seen and not any(mentions(fact.prompt, s) for s in subjects):
+                    out.append(fact)
+                    seen.add(fact.prompt)
+        return out
 
     # ---- deploy ---------------------------------------------------------------------------------------------
     async def deploy(self, version: int, probes: Sequence[EditProbe] = ()) -> RolloutResult:
@@ -241,14 +255,20 @@ class RolloutManager:
                                            final_version=statuses[c.name].version) for c in ready}
         result.replicas = list(outcomes.values())
         try:
-            facts = self._facts(probes)
-            baseline = await self._greedy(canary, [f.prompt for f in facts])
+            facts, neighbours = self._facts(probes), self._neighbours(probes)
+            asked = [f.prompt for f in (*facts, *neighbours)]
+            baseline = await self._greedy(canary, asked)
             before = await canary.status()
             updated.append(canary)
             await self._swap_gated(canary, version, True, outcomes, result)
             result.gates.append(await self._probe_gate(canary, probes))
-            after = await self._greedy(canary, [f.prompt for f in facts])
-            result.gates.append(self._control_gate(canary.name, facts, baseline, after))
+            after = await self._greedy(canary, asked)
+            n = len(facts)
+            result.gates.append(self._control_gate(canary.name, facts, baseline[:n], after[:n]))
+            if neighbours:  # the clients' own prompts: a share must hold, so one client cannot block every rollout
+                gate = self._control_gate(canary.name, neighbours, baseline[n:], after[n:])
+                ok = gate.value is None or gate.value >= self.settings.serving_neighbour_min_kept
+                result.gates.append(gate.model_copy(update={"gate": "neighbours", "ok": ok}))
             if not all(g.ok for g in result.gates):
                 raise _GateFailed(next(g for g in result.gates if not g.ok))
             await canary.release()

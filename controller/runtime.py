@@ -92,13 +92,15 @@ def ensure_redis(settings: Settings) -> RedisHandle:
     raise RedisUnavailableError(f"started {binary} on port {port} but it did not answer")
 
 
-def init_ray(num_cpus: int | None = None) -> None:
+def init_ray(num_cpus: int | None = None, metrics_port: int | None = None) -> None:
     """A local Ray cluster (or the one ``RAY_ADDRESS`` points at), quiet and without the dashboard UI."""
     if ray.is_initialized():
         return
     kwargs = {"include_dashboard": False, "log_to_driver": False, "namespace": "editq"}
     if "RAY_ADDRESS" not in os.environ:
         kwargs["num_cpus"] = num_cpus or max(2, os.cpu_count() or 2)
+        if metrics_port is not None:  # a fixed port Prometheus can scrape (editq up writes the target for it)
+            kwargs["_metrics_export_port"] = metrics_port
     ray.init(**kwargs)
     # Ray 2.60's gRPC servers listen on every interface whatever the node address, so its token auth (on by default
     # for a new local cluster, token in ~/.ray/auth_token) is the guard: say so loudly when it is off.

@@ -124,7 +124,7 @@ class Controller:
                 with contextlib.suppress(Exception):
                     await self.streams.recover(err)
         await self.publisher.stop()
-        if self._state in ("running", "waiting for replicas", "paused"):
+        if self._state in ("running", "waiting for replicas", "paused", "waiting to undo"):
             self._state = "stopped"
         return await self.status()
 
@@ -219,14 +219,19 @@ class Controller:
         s = self.settings
         if self.publisher.rollout is not None and await self._rollout_waiting():
             return
+        if await self.undo.pending():  # an operator's revert or rollback goes first (also while paused)
+            if await self.undo.due():
+                await self.undo.run()
+            else:  # no new batch meanwhile: the rollouts in flight finish, then the undo runs alone
+                self._state = "waiting to undo"
+                await self.publisher.ensure_rolling()
+                await asyncio.sleep(0.5)
+            return
         if await operations.paused(self.streams):  # an operator stopped intake: edits wait in the queue
             self._state = "paused"
             await asyncio.sleep(0.5)
             return
         self._state = "running"
-        if await self.undo.due():  # an operator's revert or rollback goes before new batches
-            await self.undo.run()
-            return
         due = self.batcher.seconds_until_due()
         if len(self.batcher) < 2 * s.batch_max_size and due != 0.0:
             block_s = 1.0 if due is None else min(1.0, due)
@@ -321,7 +326,10 @@ class Controller:
             # What is still undecided goes back to the front of the queue, its edits back to `queued` (part of a
             # split batch may have committed meanwhile: never again); the loop backs off and retries it. The
             # stream entries stay pending under this consumer, so nothing is re-delivered.
-            undecided = await self.committer.undecided(batch)
+            try:
+                undecided = await self.committer.undecided(batch)
+            except Exception:  # Redis itself is down: keep the whole batch (a commit is fenced and idempotent)
+                undecided = batch
             self.batcher.put_back(undecided)
             with contextlib.suppress(Exception):
                 await self.streams.mark([e.edit_id for e in undecided], EditState.in_flight, EditState.queued)

@@ -9,9 +9,9 @@ never rewrites history:
   normal gates. The reverted edits also leave the retrieval tier; their records say ``reverted_in`` and who asked.
   Reverts queued together become one version. An edit served only by the tier just leaves the tier.
 * **rollback --to N** -- N (on the head's lineage) becomes head and live again; the versions above it keep their
-  numbers and files with status ``reverted``; their edits go to the retrieval tier (still served: nothing accepted
-  is lost -- revert them too if they were the problem); workers and replicas follow N at once, and new edits build
-  on N.
+  numbers and files with status ``reverted``; their edits go to the retrieval tier (still served when there is a
+  tier -- revert them too if they were the problem; without one their records say they are not served); reverts
+  among the discarded versions no longer hold; workers and replicas follow N at once, and new edits build on N.
 """
 
 from __future__ import annotations
@@ -51,6 +51,27 @@ class UndoRefused(ValueError):
     def __init__(self, message: str, status: int = 409) -> None:
         super().__init__(message)
         self.status = status
+
+
+def _kind(raw: str) -> str | None:
+    try:
+        return UndoRequest.model_validate_json(raw).kind
+    except ValueError:
+        return None
+
+
+async def clear_reverts(streams: EditStreams, edit_ids: list[str], why: str) -> None:
+    """The revert of these edits did not hold (its version was rolled back): they answer from the weights again,
+    and may be reverted anew."""
+    for edit_id in edit_ids:
+        key = streams.edit_key(edit_id)
+        if await streams.redis.hget(key, "reverted_in") is None:
+            continue
+        await streams.redis.hdel(key, "reverted_in", "reverted_by")
+        await streams.redis.hset(key, mapping={"served_by": Route.weights.value, "updated_at": datetime.now(UTC)
+                                               .isoformat()})
+        await streams.audit.append(AuditEntry(action=AuditAction.revert_undone, principal="controller",
+                                              edit_id=edit_id, detail=why))
 
 
 def undo_key(streams: EditStreams) -> str:
@@ -109,29 +130,50 @@ class Undo:
         self.restore: Callable[[list], Awaitable[object]] | None = None
         self.retire: Callable[[list[str]], Awaitable[object]] | None = None
 
+    async def pending(self) -> bool:
+        return bool(await self.streams.redis.llen(self.key))
+
     async def due(self) -> bool:
-        if not await self.streams.redis.llen(self.key):
+        """A revert rolls out alone (every committed version live); a rollback needs no rollout in flight (one
+        finishing later could make a discarded version live again)."""
+        raw = await self.streams.redis.lindex(self.key, 0)
+        if raw is None:
             return False
-        return await self.streams.head() == await self.streams.live()  # each undo rolls out alone
+        if _kind(raw) == "rollback":
+            return not self.publisher.rolling
+        return await self.streams.head() == await self.streams.live()
 
     async def run(self) -> None:
-        """The next rollback, or every queued revert up to the next rollback (as one version)."""
+        """The next rollback, or every queued revert up to the next rollback (as one version). Requests leave the
+        queue only once done, so a failure (the loop retries) or a crash loses none; running one twice is harmless
+        (a reverted edit is skipped, a rollback to the head is a no-op)."""
         raw = await self.streams.redis.lrange(self.key, 0, MAX_REVERTS_PER_VERSION - 1)
-        requests = [UndoRequest.model_validate_json(r) for r in raw]
+        requests: list[UndoRequest] = []
+        for item in raw:
+            try:
+                requests.append(UndoRequest.model_validate_json(item))
+            except ValueError:
+                if not requests:  # unreadable at the front: drop it, or it would block every later request
+                    await self.streams.redis.lpop(self.key)
+                    log.error("dropped an unreadable undo request: %.200s", item)
+                    return
+                break
         if requests[0].kind == "rollback":
-            await self.streams.redis.lpop(self.key)
             await self._rollback(requests[0])
+            await self.streams.redis.lpop(self.key)
             return
         reverts = []
         for r in requests:
             if r.kind != "revert":
                 break
             reverts.append(r)
-        await self.streams.redis.lpop(self.key, len(reverts))
         await self._revert(reverts)
+        await self.streams.redis.lpop(self.key, len(reverts))
 
     # ---- revert ------------------------------------------------------------------------------------------------
     async def _revert(self, requests: list[UndoRequest]) -> None:
+        """Every edit the lineage wrote goes through the revert version (also one the tier serves because it did not
+        take: a later compaction would otherwise re-solve it into the weights); others only leave the tier."""
         head = await self.streams.head()
         on_lineage = {e for m in (lineage_above(self.store, head, 0) or []) for e in m.edit_ids}
         statuses = await self.streams.statuses([r.edit_id for r in requests])
@@ -140,8 +182,7 @@ class Undo:
             status = statuses[r.edit_id]
             if status is None or status.reverted_in is not None:
                 continue
-            weights = status.state == EditState.applied and status.served_by == Route.weights
-            (in_weights if weights and r.edit_id in on_lineage else tier_only).append(r)
+            (in_weights if r.edit_id in on_lineage else tier_only).append(r)
         version = None
         if in_weights:
             version = await self.compactor.run("revert", exclude=[r.edit_id for r in in_weights])
@@ -155,6 +196,7 @@ class Undo:
         if self.retire is not None:
             await self.retire([r.edit_id for r in done])
         for r in done:
+            # Marked at commit; a canary that rolls the revert version back clears the mark (``clear_reverts``).
             await self.streams.redis.hset(self.streams.edit_key(r.edit_id), mapping={
                 "reverted_in": str(version if r in in_weights else head), "reverted_by": r.principal,
                 "served_by": "", "updated_at": datetime.now(UTC).isoformat(),
@@ -175,19 +217,24 @@ class Undo:
                               detail=f"not on the lineage of head {head}")
             return
         if await self.streams.revert_head_to(to) != head:
-            raise RuntimeError(f"head moved during the rollback to {to}")  # the loop retries; nothing changed yet
+            raise RuntimeError(f"head moved during the rollback to {to}")  # still queued: the loop retries it
+        await self.streams.set_live(to)  # head first, then live: a crash between the two is finished by a rerun
         for manifest in discarded:
             await self.streams.set_version_status(manifest.version, "reverted", request.principal)
-        await self.streams.set_live(to)
         await self.streams.set_version_status(to, "live")
+        # Reverts discarded with their versions no longer hold: those edits answer again (below, or at `to`).
+        undone = [e for m in discarded for e in m.reverted_edit_ids]
+        await clear_reverts(self.streams, undone, f"its revert was rolled back to version {to}")
         edits = [r for m in discarded for r in m.edits]
         if edits:  # still served: by the tier instead of the discarded weights (when there is a tier)
             if self.restore is not None:
                 await self.restore(edits)
             served = Route.retrieval.value if self.restore is not None else ""
+            note = "" if self.restore is not None else "; not served (no retrieval tier)"
             for r in edits:
                 await self.streams.redis.hset(self.streams.edit_key(r.edit_id), mapping={
-                    "served_by": served, "reason": f"version rolled back to {to} on purpose by {request.principal}",
+                    "served_by": served,
+                    "reason": f"version rolled back to {to} on purpose by {request.principal}{note}",
                 })
         try:
             await self.pool.sync(to)

@@ -33,6 +33,7 @@ class AuditAction(StrEnum):
     revert_requested = "revert_requested"
     reverted = "reverted"  # an edit taken out of the weights (and the retrieval tier) on demand
     revert_refused = "revert_refused"
+    revert_undone = "revert_undone"  # the revert's version was rolled back: the edit answers again
     rollback_requested = "rollback_requested"
     rolled_back_to = "rolled_back_to"  # an operator made an earlier version the head and live version on purpose
     rollback_refused = "rollback_refused"

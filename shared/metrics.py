@@ -55,6 +55,8 @@ SPECS: dict[str, MetricSpec] = {
         MetricSpec("editq_compactions", Kind.counter, "Compactions (all live edits re-solved on the base weights) "
                    "by outcome: committed or refused.", ("outcome",)),
         MetricSpec("editq_live_version", Kind.gauge, "Weight version the served model runs."),
+        MetricSpec("editq_versions_pending_rollout", Kind.gauge,
+                   "Committed versions on the head's lineage above the live one (waiting for their rollout)."),
         MetricSpec("editq_delta_bytes", Kind.histogram, "Stored bytes per version delta.",
                    buckets=(1e4, 1e5, 1e6, 1e7, 1e8, 1e9)),
         # serving
@@ -144,12 +146,14 @@ class MemoryMetrics:
 class PrometheusMetrics:
     """prometheus-client metrics in one registry (for processes outside Ray, e.g. the HTTP API)."""
 
-    def __init__(self, registry=None) -> None:
+    def __init__(self, registry=None, kinds: frozenset[Kind] = frozenset(Kind)) -> None:
+        """``kinds``: which metric kinds this process records itself (the HTTP API leaves gauges to its scrape-time
+        collector: two families of one name would make Prometheus drop samples)."""
         import prometheus_client as pc
 
         self.registry = registry or pc.CollectorRegistry()
         self._metrics = {}
-        for spec in SPECS.values():
+        for spec in (s for s in SPECS.values() if s.kind in kinds):
             if spec.kind == Kind.counter:
                 metric = pc.Counter(spec.name, spec.doc, spec.labels, registry=self.registry)
             elif spec.kind == Kind.gauge:

@@ -186,6 +186,10 @@ class Settings(BaseSettings):
         default=2.0, ge=0, description="Seconds the canary serves live traffic before its error rate is judged (0 "
         "would judge it on no traffic at all).",
     )
+    serving_neighbour_min_kept: float = Field(
+        default=0.75, ge=0, le=1, description="Least share of the clients' neighbourhood prompts (answered right "
+        "before the swap) the canary must still answer right.",
+    )
     serving_max_error_rate: float = Field(
         default=0.0, ge=0, le=1, description="Largest share of failed requests on the canary since its swap."
     )

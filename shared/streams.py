@@ -353,12 +353,12 @@ class EditStreams:
             return 0
         bounds = [_stream_id(f"{int((datetime.now(UTC).timestamp() - retention_s) * 1000)}-0")]
         for group in groups:
-            if int(group["pending"]):
-                summary = await self.redis.xpending(self.edits_key, group["name"])
+            summary = await self.redis.xpending(self.edits_key, group["name"]) if int(group["pending"]) else None
+            if summary and summary.get("min"):
                 bounds.append(_stream_id(summary["min"]))  # the oldest entry still being worked on
-            else:
+            else:  # nothing pending (or acknowledged since XINFO): everything delivered to this group is done
                 ms, seq = _stream_id(group["last-delivered-id"])
-                bounds.append((ms, seq + 1))  # everything delivered to this group is done
+                bounds.append((ms, seq + 1))
         ms, seq = min(bounds)
         if ms <= 0:
             return 0

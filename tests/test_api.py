@@ -62,3 +62,12 @@ def test_metrics_endpoint_exposes_queue_state(client) -> None:
     text = c.get("/metrics").text
     assert 'editq_edits_submitted_total{source="tester"} 1.0' in text
     assert "editq_queue_lag_entries 1.0" in text and "editq_weight_version 0.0" in text
+
+
+def test_metrics_exposes_each_series_once(client) -> None:
+    """Two families of one name make Prometheus drop samples (the process's gauges vs the scrape-time ones)."""
+    c, _ = client
+    c.post("/v1/edits", json={"subject": "Acme", "prompt": "The CEO of {} is", "target_new": "Jane"})
+    samples = [line.rsplit(" ", 1)[0] for line in c.get("/metrics").text.splitlines() if not line.startswith("#")]
+    assert len(samples) == len(set(samples)), sorted(s for s in samples if samples.count(s) > 1)
+    assert "editq_queue_lag_entries" in samples

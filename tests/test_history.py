@@ -119,7 +119,7 @@ def test_version_numbers_stay_above_the_store_after_redis_lost_its_state(redis_u
 
 
 def test_a_controller_refuses_to_start_on_a_redis_that_lost_its_state(redis_url, tmp_path) -> None:
-    from controller.operations import RedisStateLostError, check_redis_state, recover_head
+    from controller.operations import RecoveryRefused, RedisStateLostError, check_redis_state, recover_head
 
     store = LocalWeightStore(tmp_path)
     _put(store, 1, 0, ["a"])
@@ -132,6 +132,8 @@ def test_a_controller_refuses_to_start_on_a_redis_that_lost_its_state(redis_url,
                 await check_redis_state(streams, store)  # empty Redis, store with versions: never serve base
             await recover_head(streams, store, 2, "cli:ops")
             await check_redis_state(streams, store)  # accepted on purpose: runs again
+            with pytest.raises(RecoveryRefused):  # a Redis with state has nothing to recover
+                await recover_head(streams, store, 1, "cli:ops")
             audit = await streams.audit.read(count=10)
             return await streams.head(), await streams.live(), await streams.next_version(0), audit
         finally:

@@ -33,13 +33,14 @@ from workers.serving.schemas import (
 FACTS = [ControlFact(prompt="The capital of France is", answer="Paris"),
          ControlFact(prompt="The capital of Spain is", answer="Madrid")]
 PROBE = EditProbe(prompt="BBC One, by", target_new="Sega", target_true="BBC", subject="BBC One")
+SHIFTED = "The channel's owner is"
 GOOD, BAD, NO_TAKE = 1, 2, 3  # versions: the edit takes / controls collapse / the edit does not take
 
 
 def answer(version: int, prompt: str) -> str:
     if version == BAD:
         return " may may may"
-    if prompt == PROBE.prompt:
+    if prompt in (PROBE.prompt, SHIFTED):  # SHIFTED: a neighbour the edit changes without naming its subject
         return " Sega, a company" if version == GOOD else " the BBC"
     return " Paris." if "France" in prompt else " Madrid."
 
@@ -171,11 +172,27 @@ def test_the_clients_neighbourhood_prompts_join_the_control_gate() -> None:
                                                 Probe(prompt="The CEO of Globex is", target="Ann Lee"),
                                                 Probe(prompt="Acme Corp was founded in", target="1950")])
     _, manager, _ = fleet(1)
-    facts = manager._facts(probes_from_requests([request]))
-    prompts = [f.prompt for f in facts]
-    assert "The CEO of Globex is" in prompts  # checked on the canary like any control fact
-    assert "Acme Corp was founded in" not in prompts  # about the edited subject: meant to be free to change
-    assert prompts.count("The capital of Spain is") == 1
+    assert manager._neighbours(probes_from_requests([request])) == []  # only a version's own edits bring theirs
+    probes = probes_from_requests([request], neighbours=True)
+    prompts = [f.prompt for f in manager._neighbours(probes)]
+    assert prompts == ["The CEO of Globex is"]  # judged on the canary beside the control facts
+    # ("Acme Corp was founded in" mentions the edited subject: free to change; Spain's capital is a control fact)
+    many = [request.model_copy(update={"edit_id": f"e{i}", "subject": f"Firm {i}", "neighborhood_prompts": [
+        Probe(prompt=f"Fact {i}.{j} is", target="x") for j in range(10)]}) for i in range(6)]
+    picked = manager._neighbours(probes_from_requests(many, neighbours=True))
+    assert len(picked) == 16 and {f.prompt.split(".")[0] for f in picked} == {f"Fact {i}" for i in range(6)}
+
+
+def test_one_clients_neighbours_cannot_block_the_rollout_alone() -> None:
+    _, manager, _ = fleet(2, serving_neighbour_min_kept=0.75)
+    neighbours = [ControlFact(prompt=f"Elsewhere {i}", answer="Madrid") for i in range(3)]
+    neighbours.append(ControlFact(prompt=SHIFTED, answer="BBC"))  # a paraphrase the edit changes
+    probe = PROBE.model_copy(update={"neighbours": neighbours})
+    result = asyncio.run(manager.deploy(GOOD, [probe]))
+    gate = next(g for g in result.gates if g.gate == "neighbours")
+    assert result.status == "live" and gate.ok and gate.value == 0.75  # 3 of 4 kept: within the share
+    strict = fleet(2, serving_neighbour_min_kept=1.0)[1]
+    assert asyncio.run(strict.deploy(GOOD, [probe])).status == "rolled_back"
 
 
 def test_a_later_swap_failure_rolls_back_every_updated_replica_in_reverse() -> None:

@@ -118,6 +118,8 @@ def test_revert_and_rollback_through_the_pipeline(ray_session, redis_url, tiny_m
             _wait(lambda: probe.head() == first, what="the rollback")
             versions = {v["version"]: v for v in c.get("/v1/weights").json()["versions"]}
             assert versions[second]["status"] == "reverted" and versions[revert.version]["status"] == "reverted"
+            again = c.get(f"/v1/edits/{target}").json()  # its revert was discarded with its version: back in force
+            assert again.get("reverted_in") is None and again["served_by"] == "weights"
 
             assert c.post("/v1/edits", json=requests[5].model_dump(mode="json")).status_code == 202
             probe.wait_terminal([requests[5].edit_id])
@@ -127,7 +129,7 @@ def test_revert_and_rollback_through_the_pipeline(ray_session, redis_url, tiny_m
             trail = [(e["action"], e.get("edit_id"), e.get("version")) for e in c.get("/v1/audit?count=1000").json()]
             assert ("revert_requested", target, None) in trail and ("reverted", target, revert.version) in trail
             assert ("rollback_requested", None, first) in trail and ("rolled_back_to", None, first) in trail
-            assert ("version_reverted", None, second) in trail
+            assert ("version_reverted", None, second) in trail and ("revert_undone", target, None) in trail
             c.post("/v1/admin/pause")
             _wait(lambda: c.get("/healthz").json().get("controller") == "paused", 30, "the paused heartbeat")
     finally:
