@@ -14,8 +14,6 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as FastPath
-from fastapi.exception_handlers import request_validation_exception_handler
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -24,6 +22,7 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from controller import operations, undo
+from controller.openai_api import install_openai_errors
 from controller.security.access import AccessControl, Principal
 from controller.security.body_limit import BodySizeLimit
 from controller.security.keys import Scope
@@ -153,11 +152,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.access = access
     writer, reader, admin = (Depends(access.require(s)) for s in (Scope.edits_write, Scope.edits_read, Scope.admin))
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+    def _count_invalid(request: Request) -> None:
         if request.url.path.startswith("/v1/edits"):
             metrics.inc("editq_edits_invalid")
-        return await request_validation_exception_handler(request, exc)
+
+    install_openai_errors(app, _count_invalid)  # OpenAI's error schema on its routes, FastAPI's elsewhere
 
     @app.post("/v1/edits", status_code=202, response_model=SubmitResult | list[SubmitResult],
               responses={409: {"description": "an edit_id already used for other content"},

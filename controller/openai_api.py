@@ -15,11 +15,13 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from fastapi import APIRouter, FastAPI, Header, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from controller.router import NoReplicaError, Router
 from shared.streams import EditStreams
@@ -35,14 +37,25 @@ from workers.serving.schemas import (
 # Answered 503: no replica (at min_version) came up, or every retry found replicas swapping / aborting.
 UNAVAILABLE = (NoReplicaError, ReplicaUnavailableError, RequestAbortedError)
 # Bounds on the work one request may ask for (the body itself is capped by EDITQ_MAX_BODY_BYTES).
-MAX_PROMPTS, MAX_NEW_TOKENS, MAX_STOPS, MAX_MESSAGES = 64, 4096, 4, 256
+MAX_PROMPTS, MAX_NEW_TOKENS, MAX_STOPS, MAX_MESSAGES, MAX_N = 64, 4096, 4, 256, 8
 Prompt = Annotated[str, StringConstraints(max_length=32_000)]
 MIN_VERSION_HEADER = "X-Editq-Min-Version"
 VERSION_HEADER = "X-Editq-Version"
 
 
+UNSUPPORTED_DEFAULTS: dict[str, Any] = {  # OpenAI parameters accepted only at their no-op value (else 400)
+    "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0), "logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None,),
+    "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
+    "stream_options": (None,), "parallel_tool_calls": (None,), "functions": (None, []), "function_call": (None,),
+}
+
+
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send many optional OpenAI fields; ignore the rest
+    """OpenAI's request fields this server implements; any other field answers 400 naming it (never ignored), and
+    the parameters in ``UNSUPPORTED_DEFAULTS`` are accepted only at their no-op value."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     temperature: float = Field(default=1.0, ge=0, le=2)
@@ -50,8 +63,31 @@ class _Sampling(BaseModel):
     stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
     seed: int | None = None
     ignore_eos: bool = False  # vLLM's extension
-    n: Literal[1] = 1
+    n: int = Field(default=1, ge=1, le=MAX_N, description="Choices per prompt (n > 1 with stream is refused).")
     stream: bool = False
+    user: str | None = Field(default=None, max_length=256, description="OpenAI's end-user id; recorded nowhere.")
+    logprobs: Any = None
+    top_logprobs: Any = None
+    echo: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    logit_bias: Any = None
+    best_of: Any = None
+    suffix: Any = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    stream_options: Any = None
+    parallel_tool_calls: Any = None
+    functions: Any = None
+    function_call: Any = None
+
+    @model_validator(mode="after")
+    def _only_no_ops(self) -> _Sampling:
+        for name, allowed in UNSUPPORTED_DEFAULTS.items():
+            if name in self.model_fields_set and getattr(self, name) not in allowed:
+                raise UnsupportedParameter(name)
+        return self
     min_version: int | None = Field(default=None, ge=0, description="Read-your-writes: only replicas at >= this.")
     retrieval: bool = Field(default=True, description="Let the retrieval tier answer with edits it holds.")
 
@@ -70,8 +106,49 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
 
 
-def _error(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+class UnsupportedParameter(ValueError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"`{name}` is not supported by this server (only its default is accepted)")
+        self.param = name
+
+
+def _error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
+                        status_code=status)
+
+
+OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
+
+
+def install_openai_errors(app: FastAPI, on_other_invalid: Callable[[Request], None] | None = None) -> None:
+    """Errors on the OpenAI routes in OpenAI's schema (``{"error": {message, type, param, code}}``): invalid or
+    unsupported parameters 400 naming the parameter, other HTTP errors with their status. Other routes keep
+    FastAPI's errors (``on_other_invalid`` sees their validation failures, e.g. to count them)."""
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        if not request.url.path.startswith(OPENAI_PATHS):
+            if on_other_invalid is not None:
+                on_other_invalid(request)
+            return await request_validation_exception_handler(request, exc)
+        first = exc.errors()[0]
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        cause = first.get("ctx", {}).get("error")
+        if isinstance(cause, UnsupportedParameter):
+            return _error(400, str(cause), "invalid_request_error", cause.param)
+        param = loc[0] if loc else None
+        message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid')}"
+        return _error(400, message, "invalid_request_error", param)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        if not request.url.path.startswith(OPENAI_PATHS):
+            return await http_exception_handler(request, exc)
+        kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                429: "rate_limit_error"}.get(exc.status_code, "invalid_request_error")
+        response = _error(exc.status_code, str(exc.detail), kind)
+        response.headers.update(exc.headers or {})
+        return response
 
 
 def _sse(payload: dict | str) -> bytes:
@@ -138,13 +215,13 @@ def build_openai_router(get_router: Callable[[], Router], model_name: str,
             raise HTTPException(400, "prompt must not be empty")
         requests = [GenerateRequest(
             prompt=p, max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, stop=body.stops(),
-            seed=body.seed, ignore_eos=body.ignore_eos, min_version=min_version(body, x_editq_min_version),
-            retrieval=body.retrieval,
-        ) for p in prompts]
+            seed=_sample_seed(body.seed, j), ignore_eos=body.ignore_eos,
+            min_version=min_version(body, x_editq_min_version), retrieval=body.retrieval,
+        ) for p in prompts for j in range(body.n)]  # choice i*n + j: prompt i, sample j (OpenAI's order)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             if len(requests) != 1:
-                raise HTTPException(400, "streaming supports one prompt per request")
+                raise HTTPException(400, "streaming supports one prompt and n=1 per request")
             opened = await open_stream(requests[0])
             if isinstance(opened, JSONResponse):
                 return opened
@@ -169,14 +246,16 @@ def build_openai_router(get_router: Callable[[], Router], model_name: str,
                                x_editq_min_version: str | None = Header(default=None, alias=MIN_VERSION_HEADER)) -> Any:
         """Chat completion (OpenAI ``/v1/chat/completions``), rendered with the model's chat template."""
         check_model(body.model)
-        request = GenerateRequest(
+        requests = [GenerateRequest(
             messages=body.messages, max_tokens=body.max_completion_tokens or body.max_tokens or 256,
-            temperature=body.temperature, top_p=body.top_p, stop=body.stops(), seed=body.seed,
+            temperature=body.temperature, top_p=body.top_p, stop=body.stops(), seed=_sample_seed(body.seed, j),
             ignore_eos=body.ignore_eos, min_version=min_version(body, x_editq_min_version), retrieval=body.retrieval,
-        )
+        ) for j in range(body.n)]
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            opened = await open_stream(request)
+            if body.n != 1:
+                raise HTTPException(400, "streaming supports n=1 per request")
+            opened = await open_stream(requests[0])
             if isinstance(opened, JSONResponse):
                 return opened
             first = opened[0]
@@ -188,17 +267,16 @@ def build_openai_router(get_router: Callable[[], Router], model_name: str,
                         "editq": {"version": c.version, "replica": c.replica}}
 
             return sse(*opened, shape)
-        results = await run([request])
+        results = await run(requests)
         if isinstance(results, JSONResponse):
             return results
-        r = results[0]
         payload = {
             "id": rid, "object": "chat.completion", "created": created, "model": model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
-                         "finish_reason": r.finish_reason}],
+            "choices": [{"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
+                         "finish_reason": r.finish_reason} for i, r in enumerate(results)],
             "usage": _usage(results), "editq": editq(results),
         }
-        return JSONResponse(payload, headers={VERSION_HEADER: str(r.version)})
+        return JSONResponse(payload, headers={VERSION_HEADER: str(payload["editq"]["version"])})
 
     @api.get("/v1/models")
     async def models() -> dict:
@@ -217,6 +295,11 @@ def build_openai_router(get_router: Callable[[], Router], model_name: str,
         ]}
 
     return api
+
+
+def _sample_seed(seed: int | None, j: int) -> int | None:
+    """Sample j of n: its own seed (so n > 1 samples differ, and each is reproducible)."""
+    return None if seed is None else seed + j
 
 
 def _usage(results: list[GenerateResult]) -> dict[str, int]:

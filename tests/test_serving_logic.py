@@ -11,7 +11,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from controller.openai_api import build_openai_router
+from controller.openai_api import build_openai_router, install_openai_errors
 from controller.rollout import RolloutManager
 from controller.router import NoReplicaError, Router
 from workers.serving.config import ServingSettings
@@ -308,6 +308,7 @@ def api() -> TestClient:
     replicas = [FakeReplica("a", version=GOOD), FakeReplica("b", version=0)]
     app = FastAPI()
     app.include_router(build_openai_router(lambda: router(replicas), "smol"))
+    install_openai_errors(app)
     return TestClient(app)
 
 
@@ -377,3 +378,35 @@ def test_query_cli_explains_an_unavailable_version(api: TestClient, monkeypatch)
     cli.command("noop")(lambda: None)
     result = CliRunner().invoke(cli, ["query", "x", "--min-version", "9", "--url", "http://t"])
     assert result.exit_code == 1 and "version >= 9" in result.output
+
+
+def test_the_openai_sdk_against_the_endpoint(api: TestClient) -> None:
+    """The official `openai` client (not ours) over the real routes: completions with a prompt list and n, chat,
+    streaming, stop, seed, and OpenAI-shaped errors for an unknown model and unsupported or unknown parameters."""
+    import openai
+
+    client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=api, max_retries=0)
+    done = client.completions.create(model="smol", prompt=[PROBE.prompt, "The capital of France is"], n=2,
+                                     max_tokens=4, temperature=0, seed=7, stop=["\n"])
+    assert [c.index for c in done.choices] == [0, 1, 2, 3]
+    assert all("Sega" in c.text for c in done.choices[:2]) or all("BBC" in c.text for c in done.choices[:2])
+    assert done.usage.completion_tokens == 4 and done.model == "smol"
+    chat = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Hi"}], n=3,
+                                          max_tokens=4)
+    assert len(chat.choices) == 3 and all(c.message.role == "assistant" for c in chat.choices)
+    chunks = list(client.completions.create(model="smol", prompt=PROBE.prompt, max_tokens=4, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="x")
+    with pytest.raises(openai.BadRequestError) as unsupported:
+        client.completions.create(model="smol", prompt="x", logprobs=2)
+    assert unsupported.value.body["param"] == "logprobs" and "not supported" in unsupported.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as unknown:
+        client.completions.create(model="smol", prompt="x", extra_body={"colour": "blue"})
+    assert unknown.value.body["param"] == "colour"
+    with pytest.raises(openai.BadRequestError) as streamed_n:
+        client.completions.create(model="smol", prompt="x", n=2, stream=True)
+    assert "n=1" in streamed_n.value.body["message"]
+    # no-op values of unsupported parameters are accepted (clients send them by default)
+    assert client.completions.create(model="smol", prompt="x", max_tokens=2, echo=False, logprobs=None,
+                                     presence_penalty=0).choices
