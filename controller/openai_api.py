@@ -15,7 +15,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, FastAPI, Header, HTTPException, Request
 from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
@@ -39,6 +39,7 @@ UNAVAILABLE = (NoReplicaError, ReplicaUnavailableError, RequestAbortedError)
 # Bounds on the work one request may ask for (the body itself is capped by EDITQ_MAX_BODY_BYTES).
 MAX_PROMPTS, MAX_NEW_TOKENS, MAX_STOPS, MAX_MESSAGES, MAX_N = 64, 4096, 4, 256, 8
 Prompt = Annotated[str, StringConstraints(max_length=32_000)]
+StreamOption = Literal["include_usage", "continuous_usage_stats"]
 MIN_VERSION_HEADER = "X-Editq-Min-Version"
 VERSION_HEADER = "X-Editq-Version"
 
@@ -47,8 +48,17 @@ UNSUPPORTED_DEFAULTS: dict[str, Any] = {  # OpenAI parameters accepted only at t
     "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "presence_penalty": (None, 0),
     "frequency_penalty": (None, 0), "logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None,),
     "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
-    "stream_options": (None,), "parallel_tool_calls": (None,), "functions": (None, []), "function_call": (None,),
+    "parallel_tool_calls": (None,), "functions": (None, []), "function_call": (None,),
+    # vLLM's own sampling extras (its benchmark client sends them at their neutral values)
+    "repetition_penalty": (None, 1, 1.0), "top_k": (None, -1, 0), "min_p": (None, 0, 0.0),
 }
+
+
+def _is_no_op(value: Any, allowed: tuple) -> bool:
+    """Equal in value *and* type (``logprobs: 0`` is a request for logprobs, not ``False``)."""
+    return any(value == a and type(value) is type(a) for a in allowed) or (
+        isinstance(value, int | float) and not isinstance(value, bool)
+        and any(type(a) in (int, float) and value == a for a in allowed))
 
 
 class _Sampling(BaseModel):
@@ -77,16 +87,23 @@ class _Sampling(BaseModel):
     response_format: Any = None
     tools: Any = None
     tool_choice: Any = None
-    stream_options: Any = None
+    stream_options: dict[StreamOption, bool] | None = None
     parallel_tool_calls: Any = None
     functions: Any = None
     function_call: Any = None
+    repetition_penalty: Any = None
+    top_k: Any = None
+    min_p: Any = None
 
     @model_validator(mode="after")
     def _only_no_ops(self) -> _Sampling:
         for name, allowed in UNSUPPORTED_DEFAULTS.items():
-            if name in self.model_fields_set and getattr(self, name) not in allowed:
+            if name in self.model_fields_set and not _is_no_op(getattr(self, name), allowed):
                 raise UnsupportedParameter(name)
+        if (self.stream_options or {}).get("continuous_usage_stats"):
+            raise UnsupportedParameter("stream_options")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream=true")
         return self
     min_version: int | None = Field(default=None, ge=0, description="Read-your-writes: only replicas at >= this.")
     retrieval: bool = Field(default=True, description="Let the retrieval tier answer with edits it holds.")
@@ -191,12 +208,21 @@ def build_openai_router(get_router: Callable[[], Router], model_name: str,
         except UNAVAILABLE as err:
             return _error(503, str(err), "ServiceUnavailable")
 
-    def sse(first: StreamChunk, rest: AsyncIterator[StreamChunk], shape: Callable[[StreamChunk], dict]) -> Any:
+    def sse(first: StreamChunk, rest: AsyncIterator[StreamChunk], shape: Callable[[StreamChunk], dict],
+            usage: dict | None = None) -> Any:
+        """``usage``: the envelope of the final usage chunk (``stream_options.include_usage``), else None."""
+
         async def body() -> AsyncIterator[bytes]:
+            last = first
             try:
                 yield _sse(shape(first))
                 async for chunk in rest:
+                    last = chunk
                     yield _sse(shape(chunk))
+                if usage is not None:  # OpenAI's last chunk: no choices, the request's token counts
+                    counts = {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
+                              "total_tokens": last.prompt_tokens + last.completion_tokens}
+                    yield _sse({**usage, "choices": [], "usage": counts})
             except Exception as err:  # the status line is sent: report in-band, as vLLM's server does
                 yield _sse({"error": {"message": f"{type(err).__name__}: {err}", "type": "InternalServerError"}})
             finally:  # also when the client disconnects: stop generating for nobody
@@ -230,11 +256,11 @@ def build_openai_router(get_router: Callable[[], Router], model_name: str,
                 "choices": [{"index": 0, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}],
                 "editq": {"version": c.version, "replica": c.replica,
                           "retrieved": c.retrieved.model_dump() if c.retrieved else None},
-            })
+            }, _usage_envelope(body, rid, "text_completion", created, model_name))
         results = await run(requests)
         if isinstance(results, JSONResponse):
             return results
-        usage = _usage(results)
+        usage = _usage(results, body.n)
         choices = [{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
                    for i, r in enumerate(results)]
         payload = {"id": rid, "object": "text_completion", "created": created, "model": model_name,
@@ -266,7 +292,7 @@ def build_openai_router(get_router: Callable[[], Router], model_name: str,
                         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": c.finish_reason}],
                         "editq": {"version": c.version, "replica": c.replica}}
 
-            return sse(*opened, shape)
+            return sse(*opened, shape, _usage_envelope(body, rid, "chat.completion.chunk", created, model_name))
         results = await run(requests)
         if isinstance(results, JSONResponse):
             return results
@@ -274,7 +300,7 @@ def build_openai_router(get_router: Callable[[], Router], model_name: str,
             "id": rid, "object": "chat.completion", "created": created, "model": model_name,
             "choices": [{"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
                          "finish_reason": r.finish_reason} for i, r in enumerate(results)],
-            "usage": _usage(results), "editq": editq(results),
+            "usage": _usage(results, body.n), "editq": editq(results),
         }
         return JSONResponse(payload, headers={VERSION_HEADER: str(payload["editq"]["version"])})
 
@@ -302,7 +328,13 @@ def _sample_seed(seed: int | None, j: int) -> int | None:
     return None if seed is None else seed + j
 
 
-def _usage(results: list[GenerateResult]) -> dict[str, int]:
-    prompt = sum(r.prompt_tokens for r in results)
+def _usage_envelope(body: _Sampling, rid: str, kind: str, created: int, model: str) -> dict | None:
+    options = body.stream_options or {}
+    return {"id": rid, "object": kind, "created": created, "model": model} if options.get("include_usage") else None
+
+
+def _usage(results: list[GenerateResult], n: int = 1) -> dict[str, int]:
+    """Each prompt's tokens once (``n`` samples of a prompt share it), every sample's completion tokens."""
+    prompt = sum(r.prompt_tokens for r in results[::n])
     completion = sum(r.completion_tokens for r in results)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

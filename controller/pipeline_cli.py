@@ -169,9 +169,12 @@ def up(
     if api:
         from controller.prometheus_setup import prepare_local
 
-        config = asyncio.run(prepare_local(settings))
-        console.print(f"Prometheus (API /metrics + Ray's ray_editq_* series + alert rules): prometheus "
-                      f"--config.file {config}")
+        try:  # a convenience: never a reason not to start
+            config = asyncio.run(prepare_local(settings))
+            console.print(f"Prometheus (API /metrics + Ray's ray_editq_* series + alert rules): prometheus "
+                          f"--config.file {config}")
+        except Exception as err:
+            err_console.print(f"[yellow]warning:[/] no local Prometheus config written: {type(err).__name__}: {err}")
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     if api and (create_key if create_key is not None else interactive) and (
         secret := asyncio.run(terminal_key(settings))

@@ -38,7 +38,9 @@ def write_local_config(
     api_job: dict = {"job_name": "editq-api", "metrics_path": "/metrics", "static_configs": [{"targets": [api]}]}
     if api_key:
         key_file = directory / "editq-api-key"
-        key_file.write_text(api_key)
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # never readable by others, even briefly
+        with os.fdopen(fd, "w") as handle:
+            handle.write(api_key)
         os.chmod(key_file, 0o600)
         api_job["authorization"] = {"type": "Bearer", "credentials_file": str(key_file)}
     jobs = [api_job]
@@ -75,5 +77,7 @@ async def prepare_local(settings) -> Path:
         finally:
             await streams.close()
     port = ray_metrics_port()
-    return write_local_config(directory, f"{settings.api_host}:{settings.api_port}",
+    host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(settings.api_host, settings.api_host)
+    host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return write_local_config(directory, f"{host}:{settings.api_port}",
                               f"127.0.0.1:{port}" if port else None, key)

@@ -410,3 +410,23 @@ def test_the_openai_sdk_against_the_endpoint(api: TestClient) -> None:
     # no-op values of unsupported parameters are accepted (clients send them by default)
     assert client.completions.create(model="smol", prompt="x", max_tokens=2, echo=False, logprobs=None,
                                      presence_penalty=0).choices
+
+
+def test_what_vllms_benchmark_client_sends_is_accepted(api: TestClient) -> None:
+    """`vllm bench serve` sends neutral sampling extras and asks for a final usage chunk when streaming."""
+    body = {"model": "smol", "prompt": PROBE.prompt, "max_tokens": 4, "temperature": 0, "stream": True,
+            "repetition_penalty": 1.0, "top_k": -1, "min_p": 0.0, "stream_options": {"include_usage": True}}
+    with api.stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    last = json.loads(events[-2])
+    assert last["choices"] == [] and set(last["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+    for field, value in (("repetition_penalty", 1.2), ("top_k", 5), ("logprobs", 0), ("echo", 0)):
+        refused = api.post("/v1/completions", json={"model": "smol", "prompt": "x", field: value})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == field, (field, refused.text)
+    assert api.post("/v1/completions", json={"prompt": "x", "stream_options": {"include_usage": True}}
+                    ).status_code == 400  # only with stream
+    two = api.post("/v1/completions", json={"prompt": PROBE.prompt, "n": 2, "max_tokens": 2}).json()
+    one = api.post("/v1/completions", json={"prompt": PROBE.prompt, "n": 1, "max_tokens": 2}).json()
+    assert two["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"]  # a prompt counts once, not n times

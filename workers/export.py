@@ -110,9 +110,13 @@ def _write_hf(model_dir: Path, out: Path, changed: dict[str, torch.Tensor],
               progress: Callable[[str], None] | None) -> None:
     """Copy the model directory, rewriting each safetensors shard with the changed matrices in place (same names,
     dtype and sharding, so any loader that reads the base reads the export)."""
-    shards = sorted(model_dir.glob("*.safetensors"))
+    shards = sorted(set(BaseReader(model_dir).files.values()))  # the files the model's loader reads, no others
     if not shards:
         raise ExportError(f"{model_dir} holds no safetensors weights (only safetensors models can be exported)")
+    strays = sorted(p.name for p in model_dir.glob("*.safetensors") if p not in shards)
+    if strays:  # e.g. consolidated.safetensors beside HF shards: copied unedited, a loader could pick it
+        raise ExportError(f"{model_dir} holds weight files its index does not list ({', '.join(strays)}): remove "
+                          "them or export from a clean model directory")
     for path in sorted(model_dir.iterdir()):
         if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and path.name != EXPORT_MANIFEST:
             shutil.copy2(path, out / path.name)
