@@ -117,3 +117,25 @@ def test_edits_the_weights_cannot_take_stay_in_the_tier(system, phase, edit_id, 
     time.sleep(1)  # past any retirement: the entry must still be there
     text, retrieved = _ask(system, edit.text)
     assert retrieved == edit_id and edit.target_new in text
+
+
+def test_a_reverted_edit_leaves_the_tier(system) -> None:
+    """Revert on demand also takes the edit out of the retrieval tier (here one the weights refused, so only the tier
+    served it); its record and the audit trail say who reverted it."""
+    settings = _phase(system, capacity_max_drift=1e-6)
+    edit = EDITS["cf-95"]
+    _submit(settings, [edit])
+    assert edit.target_new in _until_retrieved(system, edit.edit_id)
+    system["probe"].wait_terminal([edit.edit_id], timeout_s=900)
+    client = system["api"].client
+    assert client.post(f"/v1/edits/{edit.edit_id}:revert").status_code == 202
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and client.get(f"/v1/edits/{edit.edit_id}").json().get("reverted_in") is None:
+        time.sleep(0.5)
+    status = client.get(f"/v1/edits/{edit.edit_id}").json()
+    assert status.get("reverted_in") is not None and status["reverted_by"].startswith("pipeline-test#")
+    time.sleep(1)  # past the tier's refresh
+    _, retrieved = _ask(system, edit.text)
+    assert retrieved != edit.edit_id  # the tier no longer answers with it
+    audit = client.get("/v1/audit", params={"action": "reverted", "count": 100}).json()
+    assert any(e["edit_id"] == edit.edit_id for e in audit)
