@@ -2,40 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Annotated, TypeVar
 
 import typer
-from redis.exceptions import RedisError
 from rich.markup import escape
 from rich.table import Table
 
 from controller import operations, undo
-from controller.cli_common import console, err_console, fail
+from controller.cli_common import console, err_console, fail, with_streams
 from controller.security.keys_cli import operator
 from shared.audit import AuditAction
 from shared.settings import Settings
-from shared.streams import EditStreams
 from shared.weight_store import LocalWeightStore, StoreError
 
 T = TypeVar("T")
-
-
-def with_streams(action: Callable[[EditStreams], Awaitable[T]]) -> T:
-    settings = Settings()
-
-    async def go() -> T:
-        streams = EditStreams.from_url(settings.redis_url, settings.namespace, settings.stream_maxlen)
-        try:
-            return await action(streams)
-        finally:
-            await streams.close()
-
-    try:
-        return asyncio.run(go())
-    except (OSError, RedisError) as err:
-        fail(f"cannot reach Redis at the configured EDITQ_REDIS_URL: {type(err).__name__}")
 
 
 def audit(

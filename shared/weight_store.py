@@ -186,7 +186,7 @@ class LocalWeightStore:
             raise StoreError(f"version {manifest.version} already exists in the store at {self.root}")
         tmp = Path(tempfile.mkdtemp(prefix=f".v{manifest.version:08d}-", dir=self.root))
         save_file(tensors, str(tmp / "delta.safetensors"))
-        manifest = manifest.model_copy(update={"delta_sha256": _file_sha256(tmp / "delta.safetensors")})
+        manifest = manifest.model_copy(update={"delta_sha256": file_sha256(tmp / "delta.safetensors")})
         (tmp / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
         for path in (tmp / "delta.safetensors", tmp / "manifest.json", tmp):
             _fsync(path)  # durable before it becomes visible: a power cut never leaves a torn committed version
@@ -202,7 +202,7 @@ class LocalWeightStore:
     def deltas(self, version: int) -> tuple[list[MatrixDelta], dict[str, torch.Tensor]]:
         manifest = self.manifest(version)
         path = self._dir(version) / "delta.safetensors"
-        if manifest.delta_sha256 and _file_sha256(path) != manifest.delta_sha256:
+        if manifest.delta_sha256 and file_sha256(path) != manifest.delta_sha256:
             raise StoreError(f"version {version}: delta file does not match its manifest checksum")
         tensors = load_file(str(path))
         deltas = [MatrixDelta.from_tensors(e.name, tensors, e.transposed) for e in manifest.matrices]
@@ -265,7 +265,7 @@ def rebuild(
     return current
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):

@@ -8,7 +8,6 @@ import secrets
 import socket
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
@@ -19,6 +18,7 @@ from controller.api import create_app
 from controller.runtime import start_controller, stop_controller
 from shared.settings import Settings, redacted_url
 from tests.pipeline_helpers import Probe, admin_key, pipeline_settings, tiny_requests
+from tests.redis_servers import start_redis, stop_redis
 
 PASSWORD = "pw-" + secrets.token_hex(8)
 
@@ -28,22 +28,10 @@ def locked_redis():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no",
-                             "--requirepass", PASSWORD], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"redis://:{PASSWORD}@127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            redis.Redis.from_url(url).ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise
-            time.sleep(0.05)
+    proc = start_redis(["--port", str(port), "--requirepass", PASSWORD], url)
     yield url, port
-    proc.kill()
-    proc.wait()
+    stop_redis(proc)
 
 
 def test_the_door_keys_and_limits_work_with_the_password(locked_redis, tmp_path) -> None:
@@ -140,22 +128,11 @@ def test_the_door_works_over_tls_with_a_verified_certificate(tmp_path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen(["redis-server", "--port", "0", "--tls-port", str(port),
-                             "--tls-cert-file", str(paths["cert"]), "--tls-key-file", str(paths["key"]),
-                             "--tls-ca-cert-file", str(paths["ca"]),
-                             "--tls-auth-clients", "no", "--save", "", "--appendonly", "no", "--requirepass", PASSWORD],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"rediss://:{PASSWORD}@127.0.0.1:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={paths['ca']}"
+    proc = start_redis(["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(paths["cert"]),
+                        "--tls-key-file", str(paths["key"]), "--tls-ca-cert-file", str(paths["ca"]),
+                        "--tls-auth-clients", "no", "--requirepass", PASSWORD], url)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                redis.Redis.from_url(url).ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
         with pytest.raises(redis.ConnectionError):  # plain text to a TLS port: refused
             redis.Redis.from_url(f"redis://:{PASSWORD}@127.0.0.1:{port}/0", socket_timeout=2).ping()
         settings = Settings(redis_url=url, namespace=f"t-{uuid.uuid4().hex[:8]}", home=tmp_path, metrics_public=True)
@@ -167,5 +144,4 @@ def test_the_door_works_over_tls_with_a_verified_certificate(tmp_path) -> None:
             assert "editq_queue_lag_entries 1.0" in c.get("/metrics").text  # the sync scrape-time client too
         assert PASSWORD not in redacted_url(url) and str(paths["ca"]) not in redacted_url(url)
     finally:
-        proc.kill()
-        proc.wait()
+        stop_redis(proc)

@@ -13,6 +13,7 @@ import pytest
 import redis
 import torch
 
+from tests.redis_servers import start_redis
 from tests.test_retrieval import _repo, _tiny_edit, _unit, redis_prefix  # noqa: F401 (fixture)
 from workers.retrieval.repository import KnowledgeRepository
 
@@ -27,19 +28,8 @@ def _free_port() -> int:
 def own_redis():
     """A real redis-server of our own (no persistence), so the test can take it down."""
     port = _free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            redis.Redis.from_url(url).ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("redis-server did not start")
-            time.sleep(0.05)
+    proc = start_redis(["--port", str(port)], url)
     yield proc, port, url
     proc.kill()
     proc.wait()

@@ -158,7 +158,7 @@ def test_revoked_key_stops_at_once_and_secrets_are_not_stored(app_settings) -> N
         assert len(revoked) == 1 and revoked[0]["principal"] == "cli:ops" and key_id in revoked[0]["detail"]
     r = Redis.from_url(app_settings.redis_url, decode_responses=True)
     dump = " ".join(f"{k} {r.dump(k)!r}" for k in r.scan_iter(match="{" + app_settings.namespace + "}:*"))
-    assert secret.split("_")[2] not in dump and admin.split("_")[2] not in dump
+    assert secret.split("_", 2)[2] not in dump and admin.split("_", 2)[2] not in dump  # eq_<id>_<secret>
 
 
 def test_metrics_and_docs_follow_their_settings(redis_url, tmp_path) -> None:

@@ -9,7 +9,6 @@ contains (reverted and not-taken edits are listed apart, not as contained).
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -22,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from shared.delta import to_checkpoint_orientation
-from shared.weight_store import BASE_VERSION, WeightStore, lineage
+from shared.weight_store import BASE_VERSION, WeightStore, file_sha256, lineage
 from workers.serving.weights import BaseReader, materialise
 
 EXPORT_MANIFEST = "editq_export.json"
@@ -59,14 +58,6 @@ class ExportError(RuntimeError):
     """The export cannot be written (the message says why)."""
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def export_version(
     store: WeightStore, model_dir: Path, version: int, out: Path, fmt: Literal["hf", "delta"] = "hf",
     progress: Callable[[str], None] | None = None,
@@ -86,7 +77,7 @@ def export_version(
         changed = {name: to_checkpoint_orientation(w, matrices.transposed.get(name, False)).contiguous()
                    for name, w in matrices.matrices.items()}
         _write_hf(model_dir, out, changed, progress)
-    manifest.files = {p.name: _sha256(p) for p in sorted(out.iterdir()) if p.is_file()}
+    manifest.files = {p.name: file_sha256(p) for p in sorted(out.iterdir()) if p.is_file()}
     (out / EXPORT_MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
     return manifest
 

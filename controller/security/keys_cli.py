@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import json
 from collections.abc import Awaitable, Callable
 from typing import Annotated, TypeVar
 
 import typer
-from redis.exceptions import RedisError
 from rich.table import Table
 
-from controller.cli_common import console, fail
+from controller.cli_common import console, fail, with_streams
 from controller.security.keys import ApiKey, KeyStore, Scope
 from shared.settings import Settings
 from shared.streams import EditStreams
@@ -26,19 +24,7 @@ def operator() -> str:
 
 
 def with_keys(action: Callable[[KeyStore], Awaitable[T]]) -> T:
-    settings = Settings()
-
-    async def go() -> T:
-        streams = EditStreams.from_url(settings.redis_url, settings.namespace)
-        try:
-            return await action(KeyStore(streams.redis, settings.namespace))
-        finally:
-            await streams.close()
-
-    try:
-        return asyncio.run(go())
-    except (OSError, RedisError) as err:
-        fail(f"cannot reach Redis at the configured EDITQ_REDIS_URL: {type(err).__name__}")
+    return with_streams(lambda streams: action(KeyStore(streams.redis, streams.namespace)))
 
 
 async def create_key(store: KeyStore, name: str, scopes: list[Scope], rate_limit: str | None = None,
