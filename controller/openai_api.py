@@ -76,37 +76,28 @@ class _Sampling(BaseModel):
     n: int = Field(default=1, ge=1, le=MAX_N, description="Choices per prompt (n > 1 with stream is refused).")
     stream: bool = False
     user: str | None = Field(default=None, max_length=256, description="OpenAI's end-user id; recorded nowhere.")
-    logprobs: Any = None
-    top_logprobs: Any = None
-    echo: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-    logit_bias: Any = None
-    best_of: Any = None
-    suffix: Any = None
-    response_format: Any = None
-    tools: Any = None
-    tool_choice: Any = None
     stream_options: dict[StreamOption, bool] | None = None
-    parallel_tool_calls: Any = None
-    functions: Any = None
-    function_call: Any = None
-    repetition_penalty: Any = None
-    top_k: Any = None
-    min_p: Any = None
+    min_version: int | None = Field(default=None, ge=0, description="Read-your-writes: only replicas at >= this.")
+    retrieval: bool = Field(default=True, description="Let the retrieval tier answer with edits it holds.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_no_ops(cls, data: Any) -> Any:
+        """Unsupported OpenAI parameters at their no-op value are dropped here; any other value is a 400."""
+        if not isinstance(data, dict):
+            return data
+        for name in data.keys() & UNSUPPORTED_DEFAULTS.keys():
+            if not _is_no_op(data[name], UNSUPPORTED_DEFAULTS[name]):
+                raise UnsupportedParameter(name)
+        return {k: v for k, v in data.items() if k not in UNSUPPORTED_DEFAULTS}
 
     @model_validator(mode="after")
-    def _only_no_ops(self) -> _Sampling:
-        for name, allowed in UNSUPPORTED_DEFAULTS.items():
-            if name in self.model_fields_set and not _is_no_op(getattr(self, name), allowed):
-                raise UnsupportedParameter(name)
+    def _stream_options(self) -> _Sampling:
         if (self.stream_options or {}).get("continuous_usage_stats"):
             raise UnsupportedParameter("stream_options")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream=true")
         return self
-    min_version: int | None = Field(default=None, ge=0, description="Read-your-writes: only replicas at >= this.")
-    retrieval: bool = Field(default=True, description="Let the retrieval tier answer with edits it holds.")
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -17,21 +17,17 @@ from shared.delta import tensor_sha256, to_checkpoint_orientation
 from shared.weight_store import LocalWeightStore, build_manifest
 from tests.test_compaction import _editor
 from tests.test_guards import REQUESTS
+from tests.test_undo import _store_versions
 from workers.export import EXPORT_MANIFEST, ExportError, export_version
 
 
 @pytest.fixture
 def committed(tmp_path, tiny_llama, tiny_tokenizer, tiny_model_dir):
-    """Two versions of edits on the tiny Llama in a real store, plus a revert of the first edit."""
+    """Two versions of edits on the tiny Llama (the model saved in ``tiny_model_dir``) in a real store."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     editor = _editor(tmp_path, model, tiny_tokenizer)
     store = LocalWeightStore(tmp_path / "store")
-    parent = 0
-    for version, batch in enumerate((REQUESTS[:1], REQUESTS[1:]), start=1):
-        out = editor.apply(batch)
-        store.put(build_manifest(version, parent, "tiny", out.edit_ids, "alphaedit", out.deltas, editor.checksums(),
-                                 edits=list(batch)), out.deltas, out.aux)
-        parent = version
+    _store_versions(editor, store)
     return editor, store
 
 
