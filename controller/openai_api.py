@@ -23,9 +23,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from controller.openai_logprobs import chat_logprobs, completion_logprobs
 from controller.router import NoReplicaError, Router
 from shared.streams import EditStreams
 from workers.serving.schemas import (
+    MAX_LOGPROBS,
     ChatMessage,
     GenerateRequest,
     GenerateResult,
@@ -45,12 +47,9 @@ VERSION_HEADER = "X-Editq-Version"
 
 
 UNSUPPORTED_DEFAULTS: dict[str, Any] = {  # OpenAI parameters accepted only at their no-op value (else 400)
-    "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0), "logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None,),
+    "logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None,),
     "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
     "parallel_tool_calls": (None,), "functions": (None, []), "function_call": (None,),
-    # vLLM's own sampling extras (its benchmark client sends them at their neutral values)
-    "repetition_penalty": (None, 1, 1.0), "top_k": (None, -1, 0), "min_p": (None, 0, 0.0),
 }
 
 
@@ -73,6 +72,11 @@ class _Sampling(BaseModel):
     stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
     seed: int | None = None
     ignore_eos: bool = False  # vLLM's extension
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=2, description="vLLM's extension.")
+    top_k: int | None = Field(default=None, ge=-1, description="vLLM's extension; 0 or -1: no cut.")
+    min_p: float | None = Field(default=None, ge=0, le=1, description="vLLM's extension.")
     n: int = Field(default=1, ge=1, le=MAX_N, description="Choices per prompt (n > 1 with stream is refused).")
     stream: bool = False
     user: str | None = Field(default=None, max_length=256, description="OpenAI's end-user id; recorded nowhere.")
@@ -96,28 +100,70 @@ class _Sampling(BaseModel):
         if (self.stream_options or {}).get("continuous_usage_stats"):
             raise UnsupportedParameter("stream_options")
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed with stream=true")
+            raise InvalidParameter("stream_options", "stream_options is only allowed with stream=true")
         return self
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    def top_logprobs_asked(self) -> int | None:
+        """How many top tokens each generated token reports (None: no log-probabilities asked)."""
+        raise NotImplementedError
+
+    def generation(self, j: int, min_version: int | None) -> dict[str, Any]:
+        """The ``GenerateRequest`` fields for sample ``j`` of ``n``, shared by both routes."""
+        sampling = {name: value for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "top_k",
+                                             "min_p") if (value := getattr(self, name)) is not None}
+        return {"temperature": self.temperature, "top_p": self.top_p, "stop": self.stops(),
+                "seed": _sample_seed(self.seed, j), "ignore_eos": self.ignore_eos, "min_version": min_version,
+                "retrieval": self.retrieval, "logprobs": self.top_logprobs_asked(), **sampling}
+
 
 class CompletionRequest(_Sampling):
     prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PROMPTS)]
     max_tokens: int = Field(default=16, ge=1, le=MAX_NEW_TOKENS)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, strict=True,
+                                 description="Log-probability of each token and of this many top candidates.")
+    echo: bool = Field(default=False, description="Put the prompt in front of each choice's text.")
+
+    @model_validator(mode="after")
+    def _echo(self) -> CompletionRequest:
+        if self.echo and self.logprobs is not None:  # would need the prompt's own log-probabilities
+            raise UnsupportedParameter("echo", "`echo` together with `logprobs` is not supported by this server")
+        return self
+
+    def top_logprobs_asked(self) -> int | None:
+        return self.logprobs
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
+    logprobs: bool = Field(default=False, strict=True)
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, strict=True)
+
+    @model_validator(mode="after")
+    def _top_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidParameter("top_logprobs", "top_logprobs needs logprobs=true")
+        return self
+
+    def top_logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class UnsupportedParameter(ValueError):
-    def __init__(self, name: str) -> None:
-        super().__init__(f"`{name}` is not supported by this server (only its default is accepted)")
+class InvalidParameter(ValueError):
+    """A request-level check that names its parameter (answered 400 with ``param`` set)."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
         self.param = name
+
+
+class UnsupportedParameter(InvalidParameter):
+    def __init__(self, name: str, message: str | None = None) -> None:
+        super().__init__(name, message or f"`{name}` is not supported by this server (only its default is accepted)")
 
 
 def _error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
@@ -142,7 +188,7 @@ def install_openai_errors(app: FastAPI, on_other_invalid: Callable[[Request], No
         first = exc.errors()[0]
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         cause = first.get("ctx", {}).get("error")
-        if isinstance(cause, UnsupportedParameter):
+        if isinstance(cause, InvalidParameter):
             return _error(400, str(cause), "invalid_request_error", cause.param)
         param = loc[0] if loc else None
         message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid')}"
@@ -230,11 +276,9 @@ def build_openai_router(get_router: Callable[[], Router], model_name: str,
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise HTTPException(400, "prompt must not be empty")
-        requests = [GenerateRequest(
-            prompt=p, max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, stop=body.stops(),
-            seed=_sample_seed(body.seed, j), ignore_eos=body.ignore_eos,
-            min_version=min_version(body, x_editq_min_version), retrieval=body.retrieval,
-        ) for p in prompts for j in range(body.n)]  # choice i*n + j: prompt i, sample j (OpenAI's order)
+        floor = min_version(body, x_editq_min_version)
+        requests = [GenerateRequest(prompt=p, max_tokens=body.max_tokens, **body.generation(j, floor))
+                    for p in prompts for j in range(body.n)]  # choice i*n + j: prompt i, sample j (OpenAI's order)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             if len(requests) != 1:
@@ -242,17 +286,24 @@ def build_openai_router(get_router: Callable[[], Router], model_name: str,
             opened = await open_stream(requests[0])
             if isinstance(opened, JSONResponse):
                 return opened
-            return sse(*opened, lambda c: {
-                "id": rid, "object": "text_completion", "created": created, "model": model_name,
-                "choices": [{"index": 0, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}],
-                "editq": {"version": c.version, "replica": c.replica,
-                          "retrieved": c.retrieved.model_dump() if c.retrieved else None},
-            }, _usage_envelope(body, rid, "text_completion", created, model_name))
+            first, written = opened[0], [0]
+
+            def shape(c: StreamChunk) -> dict:
+                text = (prompts[0] + c.text) if body.echo and c is first else c.text
+                logprobs = completion_logprobs(c.logprobs, body.logprobs, written[0])
+                written[0] += len(text)
+                return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
+                        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}],
+                        "editq": {"version": c.version, "replica": c.replica,
+                                  "retrieved": c.retrieved.model_dump() if c.retrieved else None}}
+
+            return sse(*opened, shape, _usage_envelope(body, rid, "text_completion", created, model_name))
         results = await run(requests)
         if isinstance(results, JSONResponse):
             return results
         usage = _usage(results, body.n)
-        choices = [{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
+        choices = [{"index": i, "text": (requests[i].prompt if body.echo else "") + r.text,
+                    "logprobs": completion_logprobs(r.logprobs, body.logprobs), "finish_reason": r.finish_reason}
                    for i, r in enumerate(results)]
         payload = {"id": rid, "object": "text_completion", "created": created, "model": model_name,
                    "choices": choices, "usage": usage, "editq": editq(results)}
@@ -263,11 +314,10 @@ def build_openai_router(get_router: Callable[[], Router], model_name: str,
                                x_editq_min_version: str | None = Header(default=None, alias=MIN_VERSION_HEADER)) -> Any:
         """Chat completion (OpenAI ``/v1/chat/completions``), rendered with the model's chat template."""
         check_model(body.model)
-        requests = [GenerateRequest(
-            messages=body.messages, max_tokens=body.max_completion_tokens or body.max_tokens or 256,
-            temperature=body.temperature, top_p=body.top_p, stop=body.stops(), seed=_sample_seed(body.seed, j),
-            ignore_eos=body.ignore_eos, min_version=min_version(body, x_editq_min_version), retrieval=body.retrieval,
-        ) for j in range(body.n)]
+        floor = min_version(body, x_editq_min_version)
+        requests = [GenerateRequest(messages=body.messages, max_tokens=body.max_completion_tokens or body.max_tokens
+                                    or 256, **body.generation(j, floor)) for j in range(body.n)]
+        top_n = body.top_logprobs_asked()
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             if body.n != 1:
@@ -280,7 +330,8 @@ def build_openai_router(get_router: Callable[[], Router], model_name: str,
             def shape(c: StreamChunk) -> dict:
                 delta = {"role": "assistant", "content": c.text} if c is first else {"content": c.text}
                 return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": c.finish_reason}],
+                        "choices": [{"index": 0, "delta": delta, "logprobs": chat_logprobs(c.logprobs, top_n),
+                                     "finish_reason": c.finish_reason}],
                         "editq": {"version": c.version, "replica": c.replica}}
 
             return sse(*opened, shape, _usage_envelope(body, rid, "chat.completion.chunk", created, model_name))
@@ -289,8 +340,9 @@ def build_openai_router(get_router: Callable[[], Router], model_name: str,
             return results
         payload = {
             "id": rid, "object": "chat.completion", "created": created, "model": model_name,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
-                         "finish_reason": r.finish_reason} for i, r in enumerate(results)],
+            "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
+                         "logprobs": chat_logprobs(r.logprobs, top_n), "finish_reason": r.finish_reason}
+                        for i, r in enumerate(results)],
             "usage": _usage(results, body.n), "editq": editq(results),
         }
         return JSONResponse(payload, headers={VERSION_HEADER: str(payload["editq"]["version"])})

@@ -32,7 +32,7 @@ from workers.datasets import bundled_counterfact_path, load_edits
 from workers.evaluation.reference_answers import PROBES
 from workers.serving.config import ServingSettings
 from workers.serving.devtools import commit_edits, commit_scaled, greedy_contains, store_base_reference
-from workers.serving.schemas import ChatMessage, GenerateRequest, ReplicaState, RequestAbortedError
+from workers.serving.schemas import ChatMessage, GenerateRequest, ReplicaState, RequestAbortedError, ScoreRequest
 from workers.serving.weights import BaseReader, materialise
 
 pytestmark = pytest.mark.slow
@@ -253,6 +253,41 @@ def test_openai_endpoint_reads_its_writes(serving: Serving, rolled_out) -> None:
     assert too_new.status_code == 503 and "version >= 99" in too_new.json()["error"]["message"]
     assert versions.json()["live"] == EDITED
     assert {r["version"] for r in versions.json()["replicas"]} == {EDITED}
+
+
+def test_openai_sdk_logprobs_from_the_real_engine(serving: Serving, rolled_out) -> None:
+    """The official `openai` client against real vLLM replicas: greedy log-probabilities are the top candidates'
+    and match the replica's own teacher-forced scoring of the answer; top_k reaches the engine; chat's shape."""
+    import openai
+
+    prompt = "The capital of France is"
+
+    async def go():
+        async with _openai_client(serving.settings, serving.streams) as http:
+            client = openai.AsyncOpenAI(base_url="http://t/v1", api_key="unused", http_client=http, max_retries=0)
+            done = await client.completions.create(model=serving.settings.served_model_name(), prompt=prompt,
+                                                   max_tokens=4, temperature=0, logprobs=3)
+            sampled = await client.completions.create(prompt=prompt, model=serving.settings.served_model_name(),
+                                                      max_tokens=4, temperature=1.0, seed=11, extra_body={"top_k": 1})
+            chat = await client.chat.completions.create(model=serving.settings.served_model_name(), messages=CHAT,
+                                                        max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+            return done, sampled, chat
+
+    done, sampled, chat = serving.run(go())
+    choice = done.choices[0]
+    lp = choice.logprobs
+    assert "".join(lp.tokens) == choice.text and "Paris" in choice.text, choice
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert logprob == pytest.approx(max(top.values()), abs=1e-5) and top[token] == logprob  # greedy: the top one
+        assert len(top) <= 4 and logprob <= 0
+    # the first token's log-probability, sampled vs teacher-forced (prompt_logprobs): two engine paths, one number
+    score = serving.run(serving.clients[0].score(ScoreRequest(prompt=prompt, candidates=[lp.tokens[0].strip()])))
+    assert score.version == done.model_extra["editq"]["version"]
+    assert lp.token_logprobs[0] == pytest.approx(score.mean_logprobs[0], abs=1e-2)
+    assert sampled.choices[0].text == choice.text  # top_k=1 at temperature 1 is greedy: the field reached vLLM
+    content = chat.choices[0].logprobs.content
+    assert "".join(c.token for c in content) == chat.choices[0].message.content
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob for c in content)
 
 
 def test_replicas_start_only_when_their_answers_are_the_references(serving: Serving) -> None:

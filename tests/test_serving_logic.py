@@ -28,6 +28,8 @@ from workers.serving.schemas import (
     ScoreResult,
     StreamChunk,
     SwapReport,
+    TokenLogprob,
+    TopLogprob,
 )
 
 FACTS = [ControlFact(prompt="The capital of France is", answer="Paris"),
@@ -52,6 +54,7 @@ class FakeReplica:
         self.fail_swap_to: set[int] = set()
         self.die_on_swap = False
         self.served = self.failed = self.attempts = 0
+        self.requests: list[GenerateRequest] = []
 
     async def status(self) -> ReplicaStatus:
         return ReplicaStatus(name=self.name, state=self.state, version=self.version, incarnation="x",
@@ -66,15 +69,19 @@ class FakeReplica:
         self._admit(request.internal)
         self.served += 1
         self.log.append(("generate", self.name, self.state.value, request.internal))
+        self.requests.append(request)
         text = answer(self.version, request.prompt or "")
         return GenerateResult(text=text, token_ids=[1], finish_reason="length", prompt_tokens=3, completion_tokens=1,
-                              version=self.version, replica=self.name, engine_versions=[str(self.version)])
+                              version=self.version, replica=self.name, engine_versions=[str(self.version)],
+                              logprobs=_logprobs(text.split(" ")[1:], request.logprobs))
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
         self._admit(request.internal)
         for piece in answer(self.version, request.prompt or "Q").split(" ")[1:]:
-            yield StreamChunk(text=" " + piece, version=self.version, replica=self.name)
-        yield StreamChunk(text="", finish_reason="stop", version=self.version, replica=self.name)
+            yield StreamChunk(text=" " + piece, version=self.version, replica=self.name,
+                              logprobs=_logprobs([piece], request.logprobs))
+        yield StreamChunk(text="", finish_reason="stop", version=self.version, replica=self.name,
+                          logprobs=_logprobs([], request.logprobs))
 
     async def score(self, request: ScoreRequest) -> ScoreResult:
         self._admit(True)
@@ -102,6 +109,16 @@ class FakeReplica:
     async def restart(self) -> None:
         self.log.append(("restart", self.name))
         self.state = ReplicaState.starting
+
+
+def _logprobs(words: list[str], top: int | None) -> list[TokenLogprob] | None:
+    """A replica's log-probabilities as vLLM orders them: the sampled token, then ``top`` candidates by rank."""
+    if top is None:
+        return None
+    return [TokenLogprob(token=" " + w, token_id=i, logprob=-0.5,
+                         top=[TopLogprob(token=" " + w, logprob=-0.5)]
+                         + [TopLogprob(token=f" alt{k}", logprob=-1.0 - k) for k in range(top)])
+            for i, w in enumerate(words)]
 
 
 def fleet(n: int = 2, **settings) -> tuple[list[FakeReplica], RolloutManager, list]:
@@ -399,8 +416,11 @@ def test_the_openai_sdk_against_the_endpoint(api: TestClient) -> None:
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="x")
     with pytest.raises(openai.BadRequestError) as unsupported:
-        client.completions.create(model="smol", prompt="x", logprobs=2)
-    assert unsupported.value.body["param"] == "logprobs" and "not supported" in unsupported.value.body["message"]
+        client.completions.create(model="smol", prompt="x", logit_bias={"1": 5})
+    assert unsupported.value.body["param"] == "logit_bias" and "not supported" in unsupported.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as echo_logprobs:
+        client.completions.create(model="smol", prompt="x", echo=True, logprobs=1)
+    assert echo_logprobs.value.body["param"] == "echo"
     with pytest.raises(openai.BadRequestError) as unknown:
         client.completions.create(model="smol", prompt="x", extra_body={"colour": "blue"})
     assert unknown.value.body["param"] == "colour"
@@ -422,7 +442,8 @@ def test_what_vllms_benchmark_client_sends_is_accepted(api: TestClient) -> None:
     assert events[-1] == "[DONE]"
     last = json.loads(events[-2])
     assert last["choices"] == [] and set(last["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
-    for field, value in (("repetition_penalty", 1.2), ("top_k", 5), ("logprobs", 0), ("echo", 0)):
+    for field, value in (("repetition_penalty", 0), ("top_k", -2), ("logprobs", 21), ("logprobs", True),
+                         ("best_of", 2), ("response_format", {"type": "json_object"})):
         refused = api.post("/v1/completions", json={"model": "smol", "prompt": "x", field: value})
         assert refused.status_code == 400 and refused.json()["error"]["param"] == field, (field, refused.text)
     assert api.post("/v1/completions", json={"prompt": "x", "stream_options": {"include_usage": True}}
@@ -430,3 +451,50 @@ def test_what_vllms_benchmark_client_sends_is_accepted(api: TestClient) -> None:
     two = api.post("/v1/completions", json={"prompt": PROBE.prompt, "n": 2, "max_tokens": 2}).json()
     one = api.post("/v1/completions", json={"prompt": PROBE.prompt, "n": 1, "max_tokens": 2}).json()
     assert two["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"]  # a prompt counts once, not n times
+
+
+def test_sampling_controls_reach_the_replica_and_logprobs_come_back_in_openais_shapes(api: TestClient) -> None:
+    """Penalties, top_k/min_p, logprobs, top_logprobs and echo through the official `openai` client: each reaches
+    the replica's request, and log-probabilities come back in the completions and the chat shapes."""
+    import openai
+
+    replicas = [FakeReplica("a", version=GOOD)]
+    app = FastAPI()
+    app.include_router(build_openai_router(lambda: router(replicas), "smol"))
+    install_openai_errors(app)
+    client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=TestClient(app),
+                           max_retries=0)
+    done = client.completions.create(model="smol", prompt=PROBE.prompt, max_tokens=3, logprobs=2, echo=False,
+                                     presence_penalty=0.5, frequency_penalty=-0.5, seed=3,
+                                     extra_body={"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1})
+    sent = replicas[0].requests[-1]
+    assert (sent.presence_penalty, sent.frequency_penalty, sent.top_k, sent.min_p, sent.repetition_penalty,
+            sent.logprobs) == (0.5, -0.5, 5, 0.1, 1.1, 2)
+    lp = done.choices[0].logprobs
+    assert lp.tokens == [" Sega,", " a", " company"] and lp.token_logprobs == [-0.5] * 3
+    assert [len(top) for top in lp.top_logprobs] == [3, 3, 3]  # the sampled token plus the top 2, as OpenAI
+    assert lp.text_offset == [0, 6, 8]
+    echoed = client.completions.create(model="smol", prompt=PROBE.prompt, max_tokens=3, echo=True)
+    assert echoed.choices[0].text == PROBE.prompt + " Sega, a company" and echoed.choices[0].logprobs is None
+    chat = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Spain?"}],
+                                          logprobs=True, top_logprobs=1)
+    content = chat.choices[0].logprobs.content
+    assert [c.token for c in content] == [" Madrid."] and len(content[0].top_logprobs) == 1
+    assert content[0].bytes == list(b" Madrid.")
+    plain = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Spain?"}])
+    assert plain.choices[0].logprobs is None and replicas[0].requests[-1].logprobs is None
+    with pytest.raises(openai.BadRequestError) as without:
+        client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "x"}], top_logprobs=2)
+    assert without.value.body["param"] == "top_logprobs"
+    streamed = list(client.completions.create(model="smol", prompt=PROBE.prompt, max_tokens=3, stream=True,
+                                              logprobs=0, echo=False))
+    tokens = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    offsets = [o for c in streamed if c.choices and c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert tokens == [" Sega,", " a", " company"] and offsets == [0, 6, 8]
+    echo_stream = list(client.completions.create(model="smol", prompt=PROBE.prompt, max_tokens=3, stream=True,
+                                                 echo=True))
+    assert "".join(c.choices[0].text for c in echo_stream if c.choices) == PROBE.prompt + " Sega, a company"
+    chat_stream = list(client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "x"}],
+                                                      stream=True, logprobs=True, top_logprobs=2))
+    assert [t.token for c in chat_stream if c.choices[0].logprobs for t in c.choices[0].logprobs.content] == \
+        [" Madrid."]

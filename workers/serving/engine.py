@@ -53,7 +53,9 @@ def sampling_params(request: GenerateRequest, kind: str) -> Any:
     return SamplingParams(
         max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
         stop=request.stop or None, seed=request.seed, ignore_eos=request.ignore_eos,
-        output_kind=RequestOutputKind[kind],
+        top_k=request.top_k, min_p=request.min_p, presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty, repetition_penalty=request.repetition_penalty,
+        logprobs=request.logprobs, output_kind=RequestOutputKind[kind],
     )
 
 

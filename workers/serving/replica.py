@@ -40,6 +40,7 @@ from shared.weight_store import BASE_VERSION, LocalWeightStore
 from workers.serving.agreement import AgreementError, AgreementGate
 from workers.serving.config import ServingSettings
 from workers.serving.engine import create_engine, resolve_dtype, sampling_params, scoring_params
+from workers.serving.logprobs import token_logprobs
 from workers.serving.retrieval import QueryRetrieval, query_text
 from workers.serving.schemas import (
     GenerateRequest,
@@ -270,6 +271,7 @@ class Replica:
             text=completion.text, token_ids=list(completion.token_ids), finish_reason=completion.finish_reason,
             prompt_tokens=len(final.prompt_token_ids or []), completion_tokens=len(completion.token_ids),
             version=version, replica=self.name, engine_versions=spans, retrieved=retrieved,
+            logprobs=token_logprobs(completion.token_ids, completion.logprobs, self.tokenizer),
         )
 
     async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
@@ -287,6 +289,7 @@ class Replica:
             yield StreamChunk(
                 text=completion.text, finish_reason=completion.finish_reason, version=version, replica=self.name,
                 prompt_tokens=len(out.prompt_token_ids or []), completion_tokens=produced, retrieved=retrieved,
+                logprobs=token_logprobs(completion.token_ids, completion.logprobs, self.tokenizer),
             )
 
     async def score(self, request: ScoreRequest) -> ScoreResult:

@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs: the most top candidates one token may report
+
 
 class ReplicaState(StrEnum):
     starting = "starting"  # engine loading, or catching up to the live version: takes no traffic
@@ -45,6 +47,13 @@ class GenerateRequest(BaseModel):
     stop: list[str] = Field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False
+    top_k: int = Field(default=0, ge=-1, description="0 or -1: no top-k cut.")
+    min_p: float = Field(default=0.0, ge=0, le=1)
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(default=1.0, gt=0, le=2)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS,
+                                 description="Log-probabilities of each sampled token and of this many top tokens.")
     min_version: int | None = Field(default=None, ge=0)
     request_id: str | None = None
     internal: bool = Field(default=False, description="A rollout probe: admitted while the replica is a held canary.")
@@ -55,6 +64,22 @@ class GenerateRequest(BaseModel):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
         return self
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+
+
+class TokenLogprob(BaseModel):
+    """One generated token with its log-probability and the engine's candidates at that step, in vLLM's order
+    (the sampled token first, then the top tokens by rank); the API shapes it as OpenAI's completions or chat
+    ``logprobs``."""
+
+    token: str
+    token_id: int
+    logprob: float
+    top: list[TopLogprob] = Field(default_factory=list)
 
 
 class RetrievedEdit(BaseModel):
@@ -79,6 +104,7 @@ class GenerateResult(BaseModel):
         default_factory=list, description="vLLM's own weight-version spans over the output tokens (one expected)."
     )
     retrieved: RetrievedEdit | None = Field(default=None, description="The tier entry used, if any.")
+    logprobs: list[TokenLogprob] | None = Field(default=None, description="Per token, when the request asked.")
 
 
 class StreamChunk(BaseModel):
@@ -91,6 +117,7 @@ class StreamChunk(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     retrieved: RetrievedEdit | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 class ScoreRequest(BaseModel):
