@@ -18,6 +18,7 @@ from controller.progress import stage_progress
 from controller.query_cli import query
 from controller.retrieval_cli import retrieval_app
 from controller.stats_cli import stats
+from controller.upgrade_cli import restart_replicas
 
 # Tracebacks never show local variables: they can hold secrets (API keys, a Redis URL with its password).
 app = typer.Typer(help="editq: keep a served LLM's facts correct while it serves.", no_args_is_help=True,
@@ -176,6 +177,7 @@ register_operator_commands(app)
 app.command("query")(query)
 app.command("export")(export)
 app.command("stats")(stats)
+app.command("restart-replicas")(restart_replicas)
 
 if __name__ == "__main__":
     app()

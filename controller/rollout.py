@@ -392,7 +392,7 @@ class RolloutManager:
             reports = []
             for client in self.clients:
                 status = statuses[client.name]
-                if status is None or status.state in (ReplicaState.starting, ReplicaState.swapping):
+                if status is None or status.state in NOT_NOW:
                     continue
                 if status.state == ReplicaState.failed:
                     if _disagrees_at_own_version(status):
@@ -412,6 +412,9 @@ class RolloutManager:
         if status.incarnation not in self._left_failed:
             self._left_failed.add(status.incarnation)
             log.error("replica %s is left failed, not restarted: %s", status.name, status.error)
+
+
+NOT_NOW = (ReplicaState.starting, ReplicaState.swapping, ReplicaState.draining)  # reconcile leaves these alone
 
 
 def _disagrees_at_own_version(status: ReplicaStatus) -> bool:

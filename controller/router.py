@@ -47,6 +47,7 @@ class ReplicaClient(Protocol):
     async def apply_version(self, version: int, hold: bool = False, pause_timeout_s: float | None = None) -> SwapReport:
         ...
     async def release(self) -> ReplicaStatus: ...
+    async def drain(self, timeout_s: float) -> ReplicaStatus: ...
     async def restart(self) -> None: ...
 
 
@@ -114,6 +115,9 @@ class RayReplicaClient:
 
     async def release(self) -> ReplicaStatus:
         return await self._call(self.handle.release.remote(), 10.0)
+
+    async def drain(self, timeout_s: float) -> ReplicaStatus:
+        return await self._call(self.handle.drain.remote(timeout_s), timeout_s + 10)
 
     async def restart(self) -> None:
         """Kill the actor; Ray restarts it (``max_restarts=-1``) and it rejoins at the live version."""

@@ -41,6 +41,7 @@ class AuditAction(StrEnum):
     recovered = "recovered"  # head and live set from the store after Redis lost its state
     controller_started = "controller_started"
     settings_changed = "settings_changed"  # a controller started with other settings than the last one
+    replica_restarted = "replica_restarted"  # a planned, drained restart (editq restart-replicas)
 
 
 class AuditEntry(BaseModel):

@@ -459,3 +459,42 @@ def _engine_pids(client: RayReplicaClient) -> list[int]:
     """Processes the replica actor started (vLLM's engine core and its worker)."""
     pid = ray.get(client.handle.__ray_call__.remote(lambda self: os.getpid()))
     return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+
+
+def test_rolling_restart_under_load_fails_no_request(serving: Serving, rolled_out) -> None:
+    """An upgrade of the serving tier: every replica drained, restarted and back at the live version in turn,
+    while plain and streamed queries keep coming; none fails, and the other replica answers while one is out."""
+    from controller.upgrade import rolling_restart
+
+    load = Load(serving.router, [r.text for r in serving.requests] + list(CONTROLS))
+    before = {c.name: serving.run(c.status()).incarnation for c in serving.clients}
+
+    finished: dict[str, float] = {}
+
+    async def done(report) -> None:
+        finished[report.replica] = time.monotonic()
+
+    async def go():
+        tasks = [asyncio.create_task(load.worker(i, streamed=i == 1)) for i in range(2)]
+        await asyncio.sleep(1.0)
+        try:
+            return await rolling_restart(serving.clients, serving.streams.live, drain_timeout_s=60,
+                                         ready_timeout_s=600, on_done=done)
+        finally:
+            load.stop = True
+            await asyncio.gather(*tasks)
+
+    reports = serving.run(go())
+    assert load.errors == [], load.errors[:5]
+    assert [r.replica for r in reports] == [c.name for c in serving.clients]
+    for report in reports:
+        assert report.old_incarnation == before[report.replica] != report.new_incarnation
+        assert report.version == EDITED and report.left_in_flight == 0
+    statuses = serving.run(_statuses(serving))
+    assert all(s.state == ReplicaState.ready and s.version == EDITED for s in statuses), statuses
+    # while each replica was out, the other one answered (at the live version)
+    for report in reports:
+        out_from = finished[report.replica] - report.out_of_traffic_s + report.drain_s + 0.5
+        window = [r for r in load.records if out_from < r["t0"] < finished[report.replica] - 0.5]
+        assert window and {r["replica"] for r in window} == {c.name for c in serving.clients} - {report.replica}
+        assert {r["version"] for r in window} == {EDITED}

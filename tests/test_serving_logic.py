@@ -498,3 +498,17 @@ def test_sampling_controls_reach_the_replica_and_logprobs_come_back_in_openais_s
                                                       stream=True, logprobs=True, top_logprobs=2))
     assert [t.token for c in chat_stream if c.choices[0].logprobs for t in c.choices[0].logprobs.content] == \
         [" Madrid."]
+
+
+def test_a_rolling_restart_never_takes_the_last_ready_replica_out() -> None:
+    from controller.upgrade import UpgradeRefused, rolling_restart
+
+    replicas = [FakeReplica("a", version=GOOD), FakeReplica("b", version=GOOD)]
+    replicas[1].state = ReplicaState.starting  # b cannot take a's traffic
+
+    async def live() -> int:
+        return GOOD
+
+    with pytest.raises(UpgradeRefused, match="no ready replica"):
+        asyncio.run(rolling_restart(replicas, live))
+    assert ("restart", "a") not in replicas[0].log and replicas[0].state == ReplicaState.ready

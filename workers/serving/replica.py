@@ -180,6 +180,19 @@ class Replica:
             await self.engine.check_health()
         return status
 
+    async def drain(self, timeout_s: float = 60.0) -> ReplicaStatus:
+        """Stop taking requests and let the admitted ones finish (bounded), before a planned restart: the router
+        sends new requests elsewhere, so restarting the replica after this fails none. Holds the swap lock, so no
+        swap runs meanwhile; ``in_flight`` in the answer is what the timeout left running."""
+        self._ensure_started()
+        async with self._lock:
+            self.state = ReplicaState.draining
+            deadline = time.monotonic() + timeout_s
+            while (self._in_flight or self._admitting) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        log.info("%s: drained (%d request(s) still in flight)", self.name, self._in_flight)
+        return await self.status()
+
     async def shutdown(self) -> None:
         """Stop the engine's processes and remove swap files (call before killing the actor for good)."""
         if self.engine is not None:

@@ -18,6 +18,7 @@ class ReplicaState(StrEnum):
     swapping = "swapping"  # draining / reloading weights: takes no traffic
     canary = "canary"  # swapped and held out of traffic while a rollout probes it (only internal requests)
     failed = "failed"  # weights in an unknown state or engine dead: restart it (it rejoins at the live version)
+    draining = "draining"  # finishing its requests before a planned restart (an upgrade): takes no new traffic
 
 
 class ReplicaConfig(BaseModel):
