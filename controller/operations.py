@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from shared.audit import AuditAction, AuditEntry
@@ -43,7 +43,7 @@ async def paused(streams: EditStreams) -> dict | None:
 
 
 # "retrying" is a normal transient path (an infrastructure blip): still ready, reported as degraded.
-UNHEALTHY_STATES = frozenset({"absent", "failed", "stale", "stopped"})
+UNHEALTHY_STATES = frozenset({"absent", "failed", "stale", "stopped", "lost lease"})
 HEARTBEAT_S = 5.0
 
 
@@ -56,11 +56,14 @@ async def heartbeat(streams: EditStreams, state: str, error: str | None, ttl_s: 
     await streams.redis.set(heartbeat_key(streams), json.dumps(record), px=int(ttl_s * 1000))
 
 
-async def heartbeat_loop(streams: EditStreams, current: Callable[[], tuple[str, str | None]]) -> None:
-    """The controller's pulse for /healthz, written beside its loop (a long batch does not stop it)."""
+async def heartbeat_loop(streams: EditStreams, current: Callable[[], tuple[str, str | None]],
+                         still_leader: Callable[[], Awaitable[bool]]) -> None:
+    """The controller's pulse for /healthz, written beside its loop (a long batch does not stop it), while it
+    still holds the namespace's lease (``still_leader`` renews it; a lost lease writes no more beats)."""
     while True:
         with contextlib.suppress(Exception):
-            await heartbeat(streams, *current())
+            if await still_leader():
+                await heartbeat(streams, *current())
         await asyncio.sleep(HEARTBEAT_S)
 
 

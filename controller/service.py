@@ -24,6 +24,7 @@ from controller.batching import Batcher
 from controller.commit import Committer
 from controller.compaction import Compactor
 from controller.janitor import dead_letter_if_poison, sweep
+from controller.lease import ControllerLease
 from controller.pool import EditWorkerPool
 from controller.publish import Publisher
 from controller.undo import Undo
@@ -47,6 +48,7 @@ from workers.guards import GuardRejection
 log = logging.getLogger("editq.controller")
 CONSUMER = "controller"
 LOOP_RETRY_S, LOOP_RETRY_MAX_S = 0.5, 30.0  # backoff of the consume loop after an infrastructure error
+LOST_LEASE = "lost lease"
 
 
 class ControllerStatus(BaseModel):
@@ -76,6 +78,7 @@ class Controller:
         self.verdicts = Verdicts(s, self.streams, self.store, self.publisher, self.metrics)
         self.compactor = Compactor(s, self.streams, self.pool, self.store, self.publisher, self.metrics)
         self.undo = Undo(self.streams, self.store, self.pool, self.compactor, self.publisher)
+        self.lease = ControllerLease(self.streams.redis, s.namespace)
         self.committer = Committer(self.streams, self.pool, self.store, self.publisher, self.compactor, self.metrics)
         self.indexer = None  # the retrieval-tier indexer actor, when the tier is on
         self._stop = False
@@ -88,15 +91,45 @@ class Controller:
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
     async def run(self) -> ControllerStatus:
-        """Consume until ``stop``; safe to call again after a crash (it resumes from Redis and the store)."""
+        """Consume until ``stop``; safe to call again after a crash (it resumes from Redis and the store). Waits in
+        ``standby`` while another controller holds the namespace's lease."""
         self._stop = False
-        beat = asyncio.create_task(operations.heartbeat_loop(self.streams, lambda: (self._state, self._last_error)))
+        if not await self._take_lease():
+            return await self.status()
+        beat = asyncio.create_task(operations.heartbeat_loop(
+            self.streams, lambda: (self._state, self._last_error), self._still_leader))
         try:
             return await self._run()
         finally:
             beat.cancel()
-            with contextlib.suppress(Exception):
-                await operations.heartbeat(self.streams, self._state, self._last_error, ttl_s=60)
+            if self._state != LOST_LEASE:  # the new holder's heartbeat is the namespace's now
+                with contextlib.suppress(Exception):
+                    await operations.heartbeat(self.streams, self._state, self._last_error, ttl_s=60)
+                with contextlib.suppress(Exception):
+                    await self.lease.release()
+
+    async def _take_lease(self) -> bool:
+        """Hold the namespace's controller lease before touching anything (False: stopped while waiting)."""
+
+        def standby(holder: str | None) -> None:
+            log.warning("another controller (%s) runs namespace %s: standing by until it stops", holder,
+                        self.settings.namespace)
+            self._state = "standby"
+
+        taken = await self.lease.wait(lambda: self._stop, standby)
+        if taken and self._state == "standby":
+            log.warning("controller lease taken over: resuming the namespace")
+            self._state = "starting"
+        return taken
+
+    async def _still_leader(self) -> bool:
+        if await self.lease.renew():
+            return True
+        if self._state != LOST_LEASE:
+            log.error("controller lease lost to %s: stopping (no batch is taken from here on)",
+                      await self.lease.current())
+            self._state, self._stop = LOST_LEASE, True
+        return False
 
     async def _run(self) -> ControllerStatus:
         try:
