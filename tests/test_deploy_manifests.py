@@ -81,3 +81,30 @@ def test_a_local_ray_cluster_runs_with_token_auth(tmp_path) -> None:
     assert "MODE token" in done.stdout, done.stdout + done.stderr[-2000:]
     intruder = next(line for line in done.stdout.splitlines() if line.startswith("INTRUDER")).split()
     assert intruder[1] != "0" and intruder[2] == "True", done.stdout  # a wrong token is refused
+
+
+def test_the_rayservice_is_the_raycluster_with_the_api_in_serve() -> None:
+    """rayservice.yaml: zero-downtime upgrades (NewCluster), an application that imports and builds, deployments
+    that exist, and a cluster that is raycluster.yaml's (no drift) without the `editq up` container."""
+    import importlib
+
+    service = yaml.safe_load((DEPLOY / "kuberay" / "rayservice.yaml").read_text())
+    cluster = yaml.safe_load_all((DEPLOY / "kuberay" / "raycluster.yaml").read_text()).__next__()
+    assert service["kind"] == "RayService" and service["spec"]["upgradeStrategy"]["type"] == "NewCluster"
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    (application,) = serve_config["applications"]
+    module, builder = application["import_path"].split(":")
+    built = getattr(importlib.import_module(module), builder)(application["args"])
+    from ray.serve import Application
+
+    assert isinstance(built, Application)
+    from controller import serve_app
+
+    assert {d["name"] for d in application["deployments"]} == {
+        serve_app.EditqAPI.name, serve_app.ControllerHost.name}
+    assert serve_config["http_options"]["port"] == 8000
+    expected = cluster["spec"]
+    head = expected["headGroupSpec"]["template"]["spec"]
+    head["containers"] = [c for c in head["containers"] if c["name"] != "editq-api"]
+    head["containers"][0]["ports"].append({"containerPort": 8000, "name": "serve"})
+    assert service["spec"]["rayClusterConfig"] == expected
