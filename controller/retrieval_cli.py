@@ -161,8 +161,9 @@ def eval_cmd(
     except (FileNotFoundError, ValueError) as err:
         fail(str(err))
     tick = time.perf_counter()
-    metrics = evaluate_tier(tier.recipe, tier.encoder, llm, tokenizer, records, injection=injection).as_dict()
-    metrics["injection"] = injection
+    metrics = evaluate_tier(tier.recipe, tier.encoder, llm, tokenizer, records, injection=injection,
+                            subject_gate=tier.subject_gate).as_dict()
+    metrics["injection"], metrics["subject_gate"] = injection, tier.subject_gate
     metrics["seconds"] = round(time.perf_counter() - tick, 1)
     _show({str(len(records)): metrics})
     if json_out is not None:

@@ -232,8 +232,31 @@ class Settings(BaseSettings):
         default=1_000_000, ge=1, description="Most edits the retrieval tier holds. At capacity the door answers 503 "
         "(an accepted edit must always have somewhere to go); compaction and reverts free entries.",
     )
+    retrieval_subject_gate: bool = Field(
+        default=True, description="Look a query up only among the tier's edits whose subject it names (every word of "
+        "the subject, as words), and skip the encoder when it names none: fewer false hits and no encoder cost for "
+        "unrelated traffic; a query naming the subject only by another name is not served. Measured in "
+        "docs/retrieval.md (benchmarks/retrieval_gate.py).",
+    )
     retrieval_refresh_s: float = Field(
         default=0.2, gt=0, description="How often a reader replays other processes' tier changes (visibility lag)."
+    )
+    retrieval_ann_min_entries: int = Field(
+        default=100_000, ge=1, description="From this many tier entries on, lookups take their candidates from a "
+        "FAISS index (product-quantised fast scan) and re-score them exactly; below it they scan every key exactly. "
+        "Set it above retrieval_max_entries to keep exact search everywhere. Measurements: docs/retrieval.md.",
+    )
+    retrieval_ann_pq_m: int = Field(
+        default=128, ge=1, description="ANN sub-quantisers of 4 bits each (pq_m/2 bytes per key; the largest divisor "
+        "of the key size not above this). 128 on 512-d keys: recall@1 0.996-0.9995 against exact at 1e6 entries.",
+    )
+    retrieval_ann_candidates: int = Field(
+        default=256, ge=1, description="ANN candidates per query that are re-scored exactly (the returned score is "
+        "always exact; more candidates raise recall at a small cost).",
+    )
+    retrieval_ann_build_step_ms: float = Field(
+        default=20.0, gt=0, description="Most time one lookup spends adding keys to an ANN index being built (after "
+        "the threshold is crossed, a reload, or a rebuild for removed keys); exact search answers meanwhile.",
     )
 
     compact_every_versions: int | None = Field(

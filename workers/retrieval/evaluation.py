@@ -132,9 +132,11 @@ def evaluate_tier(
     requests: Sequence[EditRequest],
     diagnostics: bool = True,
     injection: str = "prompt",
+    subject_gate: bool = False,
 ) -> TierMetrics:
     """Store all ``requests`` in an in-memory tier, query it with every edit / paraphrase / neighbourhood prompt;
-    ``injection`` is what a hit puts in front of the query (``prompt``, ``text`` or ``hybrid``)."""
+    ``injection`` is what a hit puts in front of the query (``prompt``, ``text`` or ``hybrid``); ``subject_gate``
+    looks each query up only among the edits it names, as a serving replica does with the setting on."""
     recipe.eval()
     for r in requests:
         if r.target_true is None:
@@ -146,14 +148,18 @@ def evaluate_tier(
     )
     prompts: dict[str, torch.Tensor] = {}
     for r, key, prompt in zip(requests, keys, own_prompts, strict=True):
-        index.add(str(r.edit_id), recipe.search_keys(key), prompt)
+        index.add(str(r.edit_id), recipe.search_keys(key), prompt, subject=r.subject)
         prompts[str(r.edit_id)] = prompt
     queries: list[tuple[str, str, int]] = []  # (kind, text, record index)
     for i, r in enumerate(requests):
         queries.append(("rel", r.text, i))
         queries += [("gen", p, i) for p in r.paraphrase_prompts]
         queries += [("loc", p.prompt, i) for p in r.neighborhood_prompts]
-    results = index.search(recipe.search_keys(recipe.query_keys(encoder.features([q[1] for q in queries]))))
+    query_keys = recipe.search_keys(recipe.query_keys(encoder.features([q[1] for q in queries])))
+    if subject_gate:
+        results = index.search_among(query_keys, [index.candidates(q[1]) for q in queries])
+    else:
+        results = index.search(query_keys)
     items: dict[Item, int] = {}
 
     def need(item: Item) -> Item:

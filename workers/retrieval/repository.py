@@ -17,12 +17,11 @@ by replaying the log, so all routers converge on the same set. A fresh instance 
 log's last id, so no change is lost between the two reads; a log trimmed past what an instance has seen triggers a
 full reload.
 
-Search is exact: one [N, r] float32 matrix-vector product per query (``KnowledgeIndex``), fine to ~1e5 entries
-(r = 512: 200 MB of keys, ~14 ms per lookup on one CPU core at 1e5, measured). Prompts are also kept in memory
-(p x hidden float32 each, 6.9 KB for SmolLM2). Beyond ~1e5 entries swap the matrix for an approximate
-inner-product index (FAISS IVF-PQ or HNSW with the inner-product metric, or Redis' own vector search) for the
-top-k candidates, re-score those exactly and keep the sentinel comparison as is, and fetch prompts from Redis on
-a hit instead of holding them all.
+Search is ``KnowledgeIndex``'s: exact below ``retrieval_ann_min_entries`` (1e5), a faiss product-quantised index
+for candidates re-scored exactly beyond (scores and the sentinel rule unchanged; docs/retrieval.md has recall and
+latency at 1e6); with the subject gate (the default) only among the entries a query names. Prompts are kept in
+memory (p x hidden float32 each, 6.9 KB for SmolLM2: 6.9 GB at 1e6 entries); fetching them from Redis on a hit
+instead is the next step at that scale.
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ import redis
 import torch
 
 from shared.schemas import EditRequest
+from workers.retrieval.ann import AnnConfig
 from workers.retrieval.index import KnowledgeIndex, RetrievalHit, SearchResult
 
 log = logging.getLogger("editq.retrieval")
@@ -79,6 +79,15 @@ def _statement(entry: bytes | None) -> str:
     return statement if len(statement) <= MAX_STATEMENT_CHARS else ""
 
 
+def _subject(entry: bytes | None) -> str | None:
+    """The stored edit's subject (for the subject gate), or None when unknown (then the entry is never gated out)."""
+    try:
+        subject = json.loads(entry or b"{}").get("edit", {}).get("subject")
+    except (ValueError, AttributeError):
+        return None
+    return subject if isinstance(subject, str) and len(subject) <= MAX_STATEMENT_CHARS else None
+
+
 def _checksum(key: bytes, prompt: bytes, statement: str) -> str:
     return hashlib.sha256(key + b"|" + prompt + b"|" + statement.encode()).hexdigest()[:32]
 
@@ -88,7 +97,7 @@ def _to_bytes(tensor: torch.Tensor) -> bytes:
 
 
 class KnowledgeRepository:
-    """Durable, shared RECIPE knowledge store: ``add`` / ``retire`` / ``lookup`` (exact search + sentinel)."""
+    """Durable, shared RECIPE knowledge store: ``add`` / ``retire`` / ``lookup`` (search + sentinel)."""
 
     def __init__(
         self,
@@ -102,6 +111,7 @@ class KnowledgeRepository:
         refresh_interval_s: float = 0.2,
         log_maxlen: int = 1_000_000,
         client: redis.Redis | None = None,
+        ann: AnnConfig | None = None,
     ) -> None:
         # Short timeouts: a Redis that stops answering must not hold every query behind the tier's lock.
         self.redis = client or redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=1.0)
@@ -109,7 +119,7 @@ class KnowledgeRepository:
         self.prompt_shape = (int(prompt_shape[0]), int(prompt_shape[1]))
         self.refresh_interval_s = refresh_interval_s
         self.log_maxlen = log_maxlen
-        self.index = KnowledgeIndex(sentinel_key, scale, sentinel_offset)
+        self.index = KnowledgeIndex(sentinel_key, scale, sentinel_offset, ann=ann)
         self._k = {name: f"{prefix}:{name}" for name in ("entries", "keys", "prompts", "log", "meta", "sums")}
         self.stale_since: float | None = None  # monotonic time of the first failed refresh of an ongoing outage
         self.rejected_entries = 0  # entries skipped by validation (checksum, size, non-finite values)
@@ -161,7 +171,8 @@ class KnowledgeRepository:
     def reload(self) -> None:
         """Rebuild the in-memory index from the hashes (start-up, or after the log was trimmed past us)."""
         last = self.redis.xrevrange(self._k["log"], count=1)
-        fresh = KnowledgeIndex(self.index.sentinel_key, self.index.scale, self.index.sentinel_offset)
+        fresh = KnowledgeIndex(self.index.sentinel_key, self.index.scale, self.index.sentinel_offset,
+                               ann=self.index.ann_config)
         keys = dict(self.redis.hscan_iter(self._k["keys"], count=1000))
         ids = list(keys)
         prompts = self.redis.hmget(self._k["prompts"], ids) if keys else []
@@ -170,7 +181,7 @@ class KnowledgeRepository:
         for (edit_id, key), prompt, entry, checksum in zip(keys.items(), prompts, entries, sums, strict=True):
             statement = _statement(entry)
             if prompt is not None and (decoded := self._decode(edit_id, key, prompt, statement, checksum)):
-                fresh.add(edit_id.decode(), *decoded, statement)
+                fresh.add(edit_id.decode(), *decoded, statement, _subject(entry))
         self.index = fresh  # swapped in only once every read succeeded: a failed reload keeps the old copy
         self._last_id = _stream_id(last[0][0]) if last else (0, 0)
         self._last_refresh = time.monotonic()
@@ -207,7 +218,7 @@ class KnowledgeRepository:
                 self.index.remove(edit_id.decode())  # a replaced entry that fails validation must not linger
                 statement = _statement(e)
                 if (decoded := self._decode(edit_id, k, p, statement, checksum)) is not None:
-                    self.index.add(edit_id.decode(), *decoded, statement)
+                    self.index.add(edit_id.decode(), *decoded, statement, _subject(e))
         self._last_id = _stream_id(changes[-1][0])
         return len(changes)
 
@@ -295,6 +306,14 @@ class KnowledgeRepository:
         if refresh:
             self._maybe_refresh()
         return self.index.lookup_all(query, k)
+
+    def candidates(self, query_text: str) -> set[str]:
+        """The entries a query names (the subject gate), after a due refresh: none means no lookup is needed."""
+        self._maybe_refresh()
+        return self.index.gate.candidates(query_text)
+
+    def lookup_among(self, query: torch.Tensor, k: int, among: set[str]) -> list[RetrievalHit]:
+        return self.index.lookup_among(query, k, among)
 
     def drop(self) -> None:
         """Delete everything under this prefix (tests, or resetting a tier)."""

@@ -19,6 +19,7 @@ from torch import nn
 
 from shared.schemas import EditRequest
 from shared.settings import Settings
+from workers.retrieval.ann import AnnConfig
 from workers.retrieval.encoder import SentenceEncoder
 from workers.retrieval.evaluation import statement
 from workers.retrieval.index import KnowledgeIndex, RetrievalHit, SearchResult
@@ -56,8 +57,11 @@ class RetrievalTier:
         ckpt_id: str,
         redis_url: str | None = None,
         prefix: str = "editq:retrieval",
+        subject_gate: bool = False,
+        ann: AnnConfig | None = None,
     ) -> None:
         self.recipe = recipe.eval()
+        self.subject_gate = subject_gate  # lookups only among the edits a query names (subject_gate.py)
         self.encoder = encoder
         self.checkpoint_id = ckpt_id
         self._lock = threading.RLock()
@@ -66,13 +70,13 @@ class RetrievalTier:
         shape = (recipe.config.prompt_tokens, recipe.config.llm_hidden)
         if redis_url is None:
             self.store: KnowledgeIndex | KnowledgeRepository = KnowledgeIndex(
-                sentinel, recipe.scale, recipe.sentinel_offset
+                sentinel, recipe.scale, recipe.sentinel_offset, ann=ann
             )
         else:
             from workers.retrieval.repository import KnowledgeRepository
 
             self.store = KnowledgeRepository(
-                sentinel, recipe.scale, recipe.sentinel_offset, shape, ckpt_id, url=redis_url, prefix=prefix
+                sentinel, recipe.scale, recipe.sentinel_offset, shape, ckpt_id, url=redis_url, prefix=prefix, ann=ann
             )
 
     @classmethod
@@ -92,7 +96,8 @@ class RetrievalTier:
         expected = meta.get("encoder_fingerprint")
         if expected and expected != encoder.fingerprint:
             raise ValueError(f"{path} was trained with encoder {expected}, but {encoder.path} is {encoder.fingerprint}")
-        return cls(recipe, encoder, checkpoint_id(path), redis_url=redis_url, prefix=prefix)
+        return cls(recipe, encoder, checkpoint_id(path), redis_url=redis_url, prefix=prefix,
+                   subject_gate=settings.retrieval_subject_gate, ann=AnnConfig.from_settings(settings))
 
     @classmethod
     def for_model(cls, settings: Settings) -> RetrievalTier | None:
@@ -135,7 +140,7 @@ class RetrievalTier:
         with self._lock:
             for edit, key, prompt in zip(edits, keys, prompts, strict=True):
                 if isinstance(self.store, KnowledgeIndex):
-                    self.store.add(str(edit.edit_id), key, prompt, statement(edit))
+                    self.store.add(str(edit.edit_id), key, prompt, statement(edit), edit.subject)
                 else:
                     self.store.add(edit, statement(edit), key, prompt)
 
@@ -158,16 +163,26 @@ class RetrievalTier:
     @torch.no_grad()
     def lookup(self, query_text: str) -> RetrievalHit | None:
         """The retrieved edit for a query, or None when the sentinel rejects every stored item."""
+        if self.subject_gate:
+            hits = self.lookup_all(query_text, 1)
+            return hits[0] if hits else None
         key = self._query_keys([query_text])[0]
         with self._lock:
             return self.store.lookup(key)
 
     @torch.no_grad()
     def lookup_all(self, query_text: str, k: int) -> list[RetrievalHit]:
-        """Up to ``k`` retrieved edits above the sentinel for a query, best first."""
+        """Up to ``k`` retrieved edits above the sentinel for a query, best first. With the subject gate only among
+        the edits the query names, and a query that names none costs no encoding at all."""
+        among = None
+        if self.subject_gate:
+            with self._lock:
+                among = self.store.candidates(query_text)
+            if not among:
+                return []
         key = self._query_keys([query_text])[0]
         with self._lock:
-            return self.store.lookup_all(key, k)
+            return self.store.lookup_all(key, k) if among is None else self.store.lookup_among(key, k, among)
 
     def prompt_embeds(
         self, embedding_layer: nn.Module, query_ids: torch.Tensor | Sequence[int], hit: RetrievalHit | None
