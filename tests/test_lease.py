@@ -5,6 +5,7 @@ by, takes nothing, and takes over when the first one stops."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import ray
@@ -48,6 +49,11 @@ def test_a_second_controller_stands_by_and_takes_over(ray_session, redis_url, ti
     settings = pipeline_settings(tmp_path, tiny_model_dir, redis_url)
     probe = Probe(settings)
     first, first_run = start_controller(settings)
+    lease = f"{{{settings.namespace}}}:controller:lease"
+    deadline = time.monotonic() + 120
+    while probe.redis.get(lease) is None:  # the first one holds the namespace before the second one starts
+        assert time.monotonic() < deadline, "the first controller never took its lease"
+        time.sleep(0.1)
     # The same namespace from another Ray namespace: what a second cluster would start.
     second = ray.remote(Controller).options(name=controller_name(settings), namespace=f"other-{uuid.uuid4().hex[:6]}",
                                             num_cpus=0).remote(settings.model_dump(mode="json"))
@@ -65,7 +71,7 @@ def test_a_second_controller_stands_by_and_takes_over(ray_session, redis_url, ti
         took_over = ray.get(second.status.remote())
         assert took_over.state == "running" and took_over.batches_committed >= 1
         stop_controller(second, second_run, stop_serving=False)
-        assert probe.redis.get(f"{{{settings.namespace}}}:controller:lease") is None  # released on stop
+        assert probe.redis.get(lease) is None  # released on stop
     finally:
         stop_controller(second, second_run, stop_serving=False, raise_errors=False)
         probe.cleanup()
