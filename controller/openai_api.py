@@ -107,8 +107,9 @@ class _Sampling(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     def top_logprobs_asked(self) -> int | None:
-        """How many top tokens each generated token reports (None: no log-probabilities asked)."""
-        raise NotImplementedError
+        """How many top tokens each generated token reports (None: no log-probabilities asked); each route's
+        request model says how it asks."""
+        return None
 
     def generation(self, j: int, min_version: int | None) -> dict[str, Any]:
         """The ``GenerateRequest`` fields for sample ``j`` of ``n``, shared by both routes."""
