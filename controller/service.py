@@ -350,9 +350,9 @@ class Controller:
         try:
             await self.streams.mark_in_flight([e.edit_id for e in batch])
             self.metrics.observe("editq_batch_size_edits", len(batch))
-            spent = await self.verdicts.capacity_spent()
-            if spent:
-                await self.verdicts.decline(batch, ReasonCode.capacity, spent)
+            closed = await self.verdicts.weights_closed()
+            if closed:
+                await self.verdicts.decline(batch, *closed)
             else:
                 await self._apply(batch)
         except InfrastructureError as err:

@@ -13,6 +13,7 @@ from shared.outcomes import EditOutcome, EditState, ReasonCode
 from shared.settings import Settings
 from shared.streams import EditStreams, Finished, StreamEntry
 from shared.weight_store import StoreError, WeightStore
+from workers.evaluation.budget_backoff import BudgetBackoff
 from workers.guards import GuardRejection
 
 log = logging.getLogger("editq.verdicts")
@@ -77,6 +78,17 @@ class Verdicts:
         self.store = store
         self.publisher = publisher
         self.metrics = metrics
+        self.backoff = BudgetBackoff(settings.health_patience if settings.health_budget else 0)
+
+    async def weights_closed(self) -> tuple[ReasonCode, str] | None:
+        """Why the next batch does not even try the weights (reason code, message), or None: the capacity budget is
+        spent, or the health budget refused the last batches on this head (``BudgetBackoff``)."""
+        spent = await self.capacity_spent()
+        if spent:
+            return ReasonCode.capacity, spent
+        if not self.backoff.should_try(await self.streams.head()):
+            return ReasonCode.health_budget, f"health budget spent: {self.backoff.describe()}"
+        return None
 
     async def capacity_spent(self) -> str | None:
         """Why the weights take no more edits (the newest version's collapse metrics past the budget), or None."""
@@ -115,6 +127,7 @@ class Verdicts:
         """A verdict of the worker on the whole batch: the collapse guard would weaken it so much that it fails, or
         the version would take the served model past its health budget. Rejected instead of applied."""
         if rejection.reason == ReasonCode.health_budget:
+            self.backoff.refused(await self.streams.head())  # nothing was committed: the head is the batch's parent
             await self.decline(entries, ReasonCode.health_budget, f"health budget: {rejection.message}")
             return
         efficacy = dict(zip(rejection.edit_ids, rejection.per_edit_efficacy, strict=False))

@@ -305,6 +305,11 @@ class Settings(BaseSettings):
     # one fact is 0.8% of retention, so a 5% limit is six facts.
     health_tokens: int = Field(default=1024, ge=16, description="Mixed-text positions scored per version.")
     health_facts: int = Field(default=128, ge=0, description="Known facts scored per version.")
+    health_patience: int = Field(
+        default=3, ge=0, description="Health-budget refusals in a row on one version after which batches skip the "
+        "weights (straight to the retrieval tier, rejected/health_budget) and the weights are tried again only after "
+        "1, 2, 4, ... batches (workers/evaluation/budget_backoff.py); 0: try every batch.",
+    )
     health_fluency_prompts: int = Field(
         default=0, ge=0, description="Prompts generated per version for fluency (0: fluency not scored per version)."
     )

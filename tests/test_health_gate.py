@@ -1,6 +1,7 @@
 """The health budget: the limits' arithmetic, the gate on a tiny model (the base passes, an edited model past a
 limit is refused with reason ``health_budget``), the editor leaves model and state exactly as before a refused batch,
-and through the running pipeline a refused version never goes live: its edits end ``rejected/health_budget``."""
+and through the running pipeline a refused version never goes live: its edits end ``rejected/health_budget``; once
+the budget refused a few batches in a row, later ones skip the weights (the back-off) until the head changes."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from tests.pipeline_helpers import Probe, pipeline_settings, tiny_requests
 from tests.test_guards import REQUESTS, _hp, _same, _snapshot, stats  # noqa: F401 (fixture)
 from tests.test_pipeline import run_to_terminal
 from workers.editing.editor import Editor
+from workers.evaluation.budget_backoff import BudgetBackoff
 from workers.evaluation.general import GeneralBudget, GeneralHealth
 from workers.evaluation.health_gate import HEALTH_BUDGET, HealthGate, HealthLimits, gate_from_settings, health_metrics
 from workers.guards import GuardRejection
@@ -94,5 +96,45 @@ def test_a_version_past_the_budget_never_goes_live(ray_session, redis_url, tiny_
         assert len(outcomes) == len(requests)
         assert all(o.reason_code == HEALTH_BUDGET and "KL to base" in o.reason for o in outcomes)
         assert probe.head() == 0  # nothing was committed, so nothing can go live
+    finally:
+        probe.cleanup()
+
+
+def test_the_back_off_skips_1_2_4_batches_after_patience_refusals_and_resets_on_a_new_head() -> None:
+    backoff = BudgetBackoff(patience=2, max_skip=4)
+    tried = []
+    for _ in range(16):  # every batch on v5 that is tried is refused
+        if backoff.should_try(5):
+            tried.append(True)
+            backoff.refused(5)
+        else:
+            tried.append(False)
+    # refused, refused, then 1 skip, try, 2 skips, try, 4 skips, try, 4 skips (capped), try, ...
+    assert tried == [True, True, False, True, False, False, True, False, False, False, False, True,
+                     False, False, False, False]
+    assert "refused the last 5 batches on v5" in backoff.describe()
+    assert backoff.should_try(6) and backoff.wait() == 0  # a new head (a batch accepted, a revert): start afresh
+    never = BudgetBackoff(patience=0)
+    for _ in range(5):
+        never.refused(1)
+    assert never.should_try(1)
+
+
+def test_a_spent_budget_sends_later_batches_straight_to_the_tier(ray_session, redis_url, tiny_model_dir,
+                                                               tmp_path) -> None:
+    settings = pipeline_settings(tmp_path, tiny_model_dir, redis_url, health_max_kl=1e-9, health_tokens=64,
+                                 batch_max_size=2, health_patience=1)
+    probe = Probe(settings)
+    requests = tiny_requests(8)
+    try:
+        states = run_to_terminal(settings, probe, requests)
+        assert set(states.values()) == {"rejected"}
+        outcomes = probe.outcomes()
+        assert len(outcomes) == len(requests) and all(o.reason_code == HEALTH_BUDGET for o in outcomes)
+        scored = [o for o in outcomes if "KL to base" in o.reason]
+        skipped = [o for o in outcomes if "health budget spent" in o.reason]
+        assert scored and skipped and len(scored) + len(skipped) == len(outcomes), [o.reason for o in outcomes]
+        assert outcomes[0] in scored and "refused the last 1 batches on v0" in skipped[0].reason
+        assert probe.head() == 0
     finally:
         probe.cleanup()

@@ -83,7 +83,7 @@ def test_loop_checkpoints_and_an_impossible_budget_routes_everything_to_the_tier
     before = {n: p.detach().clone() for n, p in tiny_llama.named_parameters()}
     editor = Editor(tiny_llama, tiny_tokenizer, _hp(algo="alphaedit"), stats, "tiny")
     out = tmp_path / "part.json"
-    opts = LoopOptions("budget" if budget else "today", batch_size=2, eval_every=4, probe=3, out=out)
+    opts = LoopOptions("budget" if budget else "today", batch_size=2, eval_every=4, probe=3, out=out, patience=1)
     result = run_loop(editor, _requests(6), tiny_general, gate.check if gate else None, FakeTier(), opts)
 
     data = json.loads(out.read_text())
@@ -100,6 +100,8 @@ def test_loop_checkpoints_and_an_impossible_budget_routes_everything_to_the_tier
     if budget:  # KL <= 1e-9 admits no update: every batch refused, the model exactly the base model
         assert last["weights_share"] == 0 and last["tier_share"] == 1
         assert all(not b["accepted"] and b["reason"] == "health_budget" for b in data["batches"])
+        # the controller's back-off: after one refusal the next batch skips the weights, the third tries again
+        assert [b.get("skipped", False) for b in data["batches"]] == [False, True, False]
         assert last["weights"] is None and last["tier"] is not None
         assert last["general"]["kl"] == pytest.approx(0.0, abs=1e-6) and unchanged
         assert last["served_efficacy"] == pytest.approx(last["pre_efficacy"])  # fake tier = the unchanged model

@@ -83,7 +83,7 @@ class Replica:
         self.work_dir = (self.settings.serving_work_dir or Path(tempfile.gettempdir())) / f"editq-{self.name}"
         shutil.rmtree(self.work_dir, ignore_errors=True)
         self.work_dir.mkdir(parents=True)
-        self.counts = {"served": 0, "failed": 0, "mixed": 0, "swaps": 0}
+        self.counts = {"served": 0, "failed": 0, "mixed": 0, "swaps": 0, "tier_lookups": 0, "tier_hits": 0}
         self.error: str | None = None
         self.last_swap: SwapReport | None = None
         self.agreement: AgreementGate | None = None  # served = evaluated checks, from the engine's start
@@ -169,6 +169,7 @@ class Replica:
             started_at=self.started_at, in_flight=self._in_flight, served=self.counts["served"],
             failed=self.counts["failed"], mixed_versions=self.counts["mixed"], swaps=self.counts["swaps"],
             last_swap=self.last_swap, agreement=self.agreement.last if self.agreement else None, error=self.error,
+            tier_lookups=self.counts["tier_lookups"], tier_hits=self.counts["tier_hits"],
         )
 
     async def check_health(self) -> ReplicaStatus:
@@ -238,6 +239,8 @@ class Replica:
         )
         self.metrics.observe("editq_retrieval_latency_seconds", time.perf_counter() - start)
         self.metrics.inc("editq_retrieval_lookups", result="hit" if hit else "sentinel")
+        self.counts["tier_lookups"] += 1
+        self.counts["tier_hits"] += hit is not None
         self.metrics.set("editq_retrieval_stale_seconds", self.retrieval.stale_seconds)
         return inputs, hit
 

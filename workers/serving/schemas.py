@@ -222,6 +222,8 @@ class ReplicaStatus(BaseModel):
     last_swap: SwapReport | None = None
     agreement: AgreementReport | None = Field(default=None, description="The latest served-vs-reference check.")
     error: str | None = None
+    tier_lookups: int = Field(default=0, description="Queries looked up in the retrieval tier by this incarnation.")
+    tier_hits: int = Field(default=0, description="Of those, queries a stored edit was put in front of.")
 
     @property
     def serving(self) -> bool:
