@@ -4,6 +4,7 @@ vLLM): the decision logic in seconds. The real engines are exercised in test_ser
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -295,6 +296,37 @@ def test_router_reroutes_a_request_refused_by_a_replica_that_started_swapping() 
     replicas[0].state = ReplicaState.swapping  # the router's table is stale: both look ready
     results = asyncio.run(_many(r, GenerateRequest(prompt="x", max_tokens=1), 4))
     assert {res.replica for res in results} == {"b"}
+
+
+class SlowStatusReplica(FakeReplica):
+    """A replica whose status call takes 0.3 s (a busy actor's event loop)."""
+
+    async def status(self) -> ReplicaStatus:
+        await asyncio.sleep(0.3)
+        return await super().status()
+
+
+def test_a_stale_table_is_refreshed_in_the_background_not_on_the_request_path() -> None:
+    replicas = [SlowStatusReplica("a"), SlowStatusReplica("b", version=1)]
+    r = router(replicas, serving_status_ttl_s=0.05)
+
+    async def go() -> None:
+        t0 = time.monotonic()
+        await r.generate(GenerateRequest(prompt="x", max_tokens=1))  # nothing known yet: this one waits
+        assert time.monotonic() - t0 >= 0.3
+        replicas[1].version = 2
+        await asyncio.sleep(0.1)  # the table is now older than its TTL
+        t0 = time.monotonic()
+        for _ in range(4):
+            await r.generate(GenerateRequest(prompt="x", max_tokens=1))
+        assert time.monotonic() - t0 < 0.2  # answered from the known table while it is re-read
+        assert r.views["b"].version == 1  # (not yet re-read)
+        await asyncio.sleep(0.4)  # the background refresh has landed
+        assert r.views["b"].version == 2
+        request = GenerateRequest(prompt="x", max_tokens=1, min_version=2)
+        assert (await r.generate(request)).replica == "b"
+
+    asyncio.run(go())
 
 
 def test_router_retries_a_request_a_swap_aborted_elsewhere() -> None:

@@ -126,7 +126,8 @@ def test_controller_then_each_replica_restarted_under_query_load(ray_session, re
     assert live == head >= 1
     # Both replicas restarted in turn (new incarnations), each back at the live version before the next went out.
     assert [r.replica for r in reports] == [c.name for c in clients]
-    assert all(r.version == live and r.new_incarnation != r.old_incarnation for r in reports), reports
+    assert all(r.version == live and r.new_incarnation != r.old_incarnation and r.left_in_flight == 0
+               for r in reports), reports
     assert {(a["replica"], a["version"]) for a in load.answered if a["t0"] > restarted} == {
         (c.name, live) for c in clients}
 
@@ -149,8 +150,18 @@ async def _upgrade_under_load(settings: Settings, api: ServedAPI, actor, probe: 
         assert set(states.values()) == {"applied"}, states
         clients = replica_clients(settings)
         live = await _wait_live_everywhere(streams, clients, probe.head(), 300)
-        reports = await rolling_restart(clients, streams.live, drain_timeout_s=60, ready_timeout_s=600)
+        finished: dict[str, float] = {}
+
+        async def done(report) -> None:
+            finished[report.replica] = time.monotonic()
+
+        reports = await rolling_restart(clients, streams.live, drain_timeout_s=60, ready_timeout_s=600, on_done=done)
         restarted = time.monotonic()
+        for report in reports:  # while each replica was out, the other one answered, at the live version
+            out_from = finished[report.replica] - report.out_of_traffic_s + report.drain_s + 0.5
+            window = [a for a in load.answered if out_from < a["t0"] < finished[report.replica] - 0.5]
+            assert window and {a["replica"] for a in window} == {c.name for c in clients} - {report.replica}
+            assert {a["version"] for a in window} == {live}
         deadline = restarted + 60  # load on until both restarted replicas answered
         while time.monotonic() < deadline and {a["replica"] for a in load.answered
                                                if a["t0"] > restarted} != {c.name for c in clients}:
