@@ -157,9 +157,12 @@ async def _upgrade_under_load(settings: Settings, api: ServedAPI, actor, probe: 
 
         reports = await rolling_restart(clients, streams.live, drain_timeout_s=60, ready_timeout_s=600, on_done=done)
         restarted = time.monotonic()
-        for report in reports:  # while each replica was out, the other one answered, at the live version
+        # While each replica was out, the other one answered, at the live version. The window ends 5 s before
+        # rolling_restart reported the replica back: it polls once a second, and the router may already send
+        # traffic to the new incarnation in between (a status call under this load can take seconds).
+        for report in reports:
             out_from = finished[report.replica] - report.out_of_traffic_s + report.drain_s + 0.5
-            window = [a for a in load.answered if out_from < a["t0"] < finished[report.replica] - 0.5]
+            window = [a for a in load.answered if out_from < a["t0"] < finished[report.replica] - 5.0]
             assert window and {a["replica"] for a in window} == {c.name for c in clients} - {report.replica}
             assert {a["version"] for a in window} == {live}
         deadline = restarted + 60  # load on until both restarted replicas answered
