@@ -39,7 +39,7 @@ from shared.settings import Settings
 from workers.datasets import bundled_counterfact_path, load_edits
 from workers.retrieval.ann import AnnConfig
 from workers.retrieval.index import KnowledgeIndex
-from workers.retrieval.tier import RetrievalTier
+from workers.retrieval.tier import RetrievalTier, checkpoint_id, default_checkpoint_path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -194,6 +194,7 @@ def main() -> None:
     parser.add_argument("--threshold", type=int, default=AnnConfig().min_entries, help="ANN from this many entries")
     parser.add_argument("--limit", type=int, default=None, help="statements per file (smoke runs)")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--note", default="", help="what else ran on the machine (recorded in the JSON)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
@@ -282,8 +283,9 @@ def main() -> None:
         "platform": {"cpu": _cpu_model(), "machine": platform.machine(), "cpus": os.cpu_count(),
                      "python": platform.python_version(), "torch": torch.__version__, "faiss": faiss.__version__,
                      "torch_threads": torch.get_num_threads(), "faiss_omp_threads": 1,
-                     "note": "another job used the other core during the run"},
-        "checkpoint": "smollm2-135m-recipe (shipped)", "key_dim": dim, "scale": scale, "sentinel_offset": offset,
+                     "note": args.note},
+        "checkpoint": "smollm2-135m-recipe (shipped)", "checkpoint_id": checkpoint_id(default_checkpoint_path()),
+        "key_dim": dim, "scale": scale, "sentinel_offset": offset,
         "ann_config": {"index": f"faiss.IndexPQFastScan(d={dim}, M={rows[0]['ann_pq_m']}, nbits=4, "
                                 "METRIC_INNER_PRODUCT), top candidates re-scored exactly", **config.__dict__},
         "real_data": {"statements": len(edits), "paraphrase_queries": len(para), "neighbourhood_queries":

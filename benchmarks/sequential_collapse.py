@@ -13,6 +13,11 @@ specificity of the first ``--probe`` edits ("early": do old edits survive?) and 
     python benchmarks/sequential_collapse.py run --config memit --data train.json --n-edits 200 --out part.json
     python benchmarks/sequential_collapse.py plot --json benchmarks/results/sequential_collapse.json
 
+``+revive_random[@energy]`` is REVIVE's control at equal rank: the filter removes the same number of directions as
+``+revive@energy`` (the rank the energy share gives on W0's spectrum), but random orthonormal ones instead of W0's
+dominant singular vectors. If it protects as well, the dominant subspace is not what matters, only how much of the
+update is thrown away. The health columns still use W0's true spectrum.
+
 ``many`` prepares the statistics once, then runs the configurations as parallel processes on one device (a small
 model leaves a GPU mostly idle) and merges their results; ``--deadline`` stops editing in time for the final
 evaluation, and the JSON records how many edits each configuration reached.
@@ -48,17 +53,36 @@ ALGOS = ("memit", "alphaedit", "alphaedit_plus")
 
 
 def config_overrides(name: str) -> tuple[str, dict[str, Any]]:
-    """``algo[+revive[@energy]][+prune]`` -> (algo, hparam overrides)."""
+    """``algo[+revive[@energy]|+revive_random[@energy]][+prune]`` -> (algo, hparam overrides)."""
     algo, *guards = name.split("+")
-    energy = [g.split("@", 1)[1] for g in guards if g.startswith("revive@")]
+    energy = [g.split("@", 1)[1] for g in guards if g.startswith(("revive@", "revive_random@"))]
     guards = [g.split("@", 1)[0] for g in guards]
-    if algo not in ALGOS or any(g not in ("revive", "prune") for g in guards):
+    if algo not in ALGOS or any(g not in ("revive", "revive_random", "prune") for g in guards):
         raise ValueError(f"unknown configuration {name!r}")
-    overrides: dict[str, Any] = {"guard_min_efficacy": 0.0, "guard": "revive" if "revive" in guards else "none",
+    filtered = "revive" in guards or "revive_random" in guards
+    overrides: dict[str, Any] = {"guard_min_efficacy": 0.0, "guard": "revive" if filtered else "none",
                                  "prune": "prune" in guards}
     if energy:
         overrides["revive_energy"] = float(energy[0])
     return algo, overrides
+
+
+def random_subspace_spectra(seed: int = 0) -> None:
+    """Make the editor's REVIVE filter use random orthonormal directions: same singular values (so the energy share
+    picks the same rank), random U and V (QR of a seeded Gaussian). Benchmark-only control; patches this process."""
+    import workers.editing.editor as editor_module
+    from workers.guards.revive import Spectrum
+
+    true_spectrum = editor_module.spectrum_cached
+    generator = torch.Generator().manual_seed(seed)
+
+    def random_spectrum(weight: torch.Tensor, *args: Any, **kwargs: Any) -> Spectrum:
+        spectrum = true_spectrum(weight, *args, **kwargs)
+        u = torch.linalg.qr(torch.randn(spectrum.u.shape, generator=generator, dtype=torch.float64))[0]
+        v = torch.linalg.qr(torch.randn(spectrum.v.shape, generator=generator, dtype=torch.float64))[0]
+        return Spectrum(u.contiguous(), spectrum.s, v.contiguous())
+
+    editor_module.spectrum_cached = random_spectrum
 
 
 def _parse_sets(items: list[str]) -> dict[str, Any]:
@@ -107,6 +131,8 @@ def _checkpoint(model: Any, tok: Any, editor: Editor, spectra: dict, early: list
 def run_one(args: argparse.Namespace) -> dict[str, Any]:
     model, tok, fingerprint, settings = _setup(args)
     algo, overrides = config_overrides(args.config)
+    if "+revive_random" in args.config:
+        random_subspace_spectra()
     hp = default_hparams(model.config, algo).with_overrides(**{**overrides, **_parse_sets(args.set)})
     requests = load_edits(args.data, limit=args.offset + args.n_edits).requests[args.offset :]
     facts = load_control_facts()  # checked on SmolLM2, the benchmark's model

@@ -64,6 +64,12 @@ def train_cmd(
     val_limit: Annotated[list[int] | None, typer.Option(help="Held-out check sizes (repeatable).")] = None,
     seed: int = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the state in --work-dir.")] = False,
+    injection: Annotated[
+        str, typer.Option(help="Train for what a hit serves: prompt (RECIPE) or hybrid (prompt + statement text).")
+    ] = "prompt",
+    init_from: Annotated[
+        Path | None, typer.Option(help="Fine-tune from this checkpoint (e.g. the shipped one) instead of scratch.")
+    ] = None,
     log_every: Annotated[int, typer.Option(help="Print the losses every N steps.")] = 10,
     threads: Annotated[
         int | None,
@@ -103,6 +109,8 @@ def train_cmd(
             val_limits=val_limit or [100],
             seed=seed,
             resume=resume,
+            injection=injection,
+            init_from=init_from,
         )
     except ValidationError as err:
         fail(str(err))
@@ -114,7 +122,7 @@ def train_cmd(
 
         try:
             result = train(ts, progress=report, log=log)
-        except FileNotFoundError as err:
+        except (FileNotFoundError, ValueError) as err:
             fail(str(err))
     console.print(
         f"[green]checkpoint[/]: {ts.out} ({result['bytes'] / 1e6:.1f} MB), record: {ts.out.with_suffix('.json')}"

@@ -179,3 +179,18 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
                "n_context_templates": 2}
     (out / "hparams.json").write_text(json.dumps(hparams))
     return out
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str):
+    """A fresh Redis key prefix for one retrieval-tier test, deleted afterwards."""
+    import uuid
+
+    import redis
+
+    prefix = f"editq-test:retrieval:{uuid.uuid4().hex[:12]}"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(f"{prefix}:*"))
+    if keys:
+        client.delete(*keys)

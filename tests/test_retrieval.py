@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import uuid
 from pathlib import Path
 
 import pytest
-import redis
 import torch
 
 from shared.schemas import EditRequest, Probe
@@ -17,7 +15,7 @@ from workers.retrieval.injection import embed_prompted, prompt_embeds
 from workers.retrieval.modules import RecipeConfig, RecipeModel
 from workers.retrieval.repository import CheckpointMismatchError, KnowledgeRepository
 from workers.retrieval.tier import default_checkpoint_path
-from workers.retrieval.training import TrainSettings, _hinged_nll, edit_losses
+from workers.retrieval.training import TrainSettings, _hinged_nll, _rows_for, edit_losses
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -149,6 +147,38 @@ def test_edit_losses_train_the_heads_not_the_llm(tiny_llama, tiny_tokenizer, tmp
     assert all(p.grad is None for p in tiny_llama.parameters())
 
 
+def test_hybrid_training_rows_carry_the_served_statement_text(tiny_llama, tiny_tokenizer, tmp_path: Path) -> None:
+    """``injection="hybrid"`` trains on what a hit serves: statement text in front of the edit and paraphrase rows
+    (exactly the served prefix ids), none on the locality rows; the paraphrase rotates with the step."""
+    from workers.retrieval.evaluation import statement
+    from workers.retrieval.injection import text_prefix_ids
+
+    edit = _tiny_edit().model_copy(update={"paraphrase_prompts": ["paris is the capital of", "the french capital is"]})
+    plain = _rows_for(tiny_tokenizer, [edit], "prompt", step=0)
+    prefix = text_prefix_ids(tiny_tokenizer, statement(edit))
+    assert prefix, "the statement must tokenise to something"
+    for step in (0, 1):
+        hybrid = _rows_for(tiny_tokenizer, [edit], "hybrid", step=step)
+        by_kind = {r.kind: r for r in hybrid}
+        gen_text = edit.paraphrase_prompts[step]
+        gen_ids = tiny_tokenizer(gen_text)["input_ids"]
+        assert by_kind["gen"].ids[: len(prefix) + len(gen_ids)] == prefix + gen_ids
+        assert by_kind["rel"].ids == prefix + plain[0].ids
+        assert by_kind["loc"].ids == plain[2].ids and by_kind["ref"].ids == plain[3].ids
+        assert [r.targets for r in hybrid] == [r.targets for r in _rows_for(tiny_tokenizer, [edit], "prompt", step)]
+    hidden = tiny_llama.get_input_embeddings().weight.shape[1]
+    recipe = RecipeModel(RecipeConfig(llm_hidden=hidden, feature_dim=12, encoder_hidden=4, rep_dim=8))
+    recipe.set_embed_rms(tiny_llama.get_input_embeddings().weight)
+    settings = TrainSettings(data=tmp_path, out=tmp_path / "c.safetensors", work_dir=tmp_path, model_path=tmp_path,
+                             encoder_path=tmp_path, injection="hybrid")
+    losses = edit_losses(recipe, tiny_llama, tiny_tokenizer, [edit], recipe.knowledge_keys(torch.randn(1, 12)),
+                         settings)
+    assert all(torch.isfinite(v) for v in losses.values())
+    with pytest.raises(ValueError, match="injection"):
+        TrainSettings(data=tmp_path, out=tmp_path, work_dir=tmp_path, model_path=tmp_path, encoder_path=tmp_path,
+                      injection="text")
+
+
 def test_recipe_model_roundtrip_and_sizes(tmp_path: Path) -> None:
     recipe = RecipeModel(RecipeConfig(llm_hidden=32, feature_dim=12, encoder_hidden=4, rep_dim=8, prompt_tokens=3))
     feats = torch.randn(5, 12)
@@ -175,20 +205,6 @@ def test_shipped_checkpoint_is_small_and_recorded() -> None:
 
 
 # --------------------------------------------------------------------------------------------- Redis repository
-
-
-@pytest.fixture
-def redis_prefix():
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except redis.ConnectionError as err:
-        pytest.fail(f"the repository tests need Redis at {REDIS_URL}: {err}")
-    prefix = f"editq-test:retrieval:{uuid.uuid4().hex[:12]}"
-    yield prefix
-    keys = list(client.scan_iter(f"{prefix}:*"))
-    if keys:
-        client.delete(*keys)
 
 
 def _repo(prefix: str, checkpoint: str = "ckpt-1") -> KnowledgeRepository:
@@ -251,15 +267,14 @@ def test_shipped_checkpoint_holds_100_val_edits(smollm2, redis_prefix: str) -> N
     # Redis-backed lookups agree with the in-memory evaluation's decisions.
     hits = [again.lookup(e.text) for e in edits[:20]]
     own = sum(h is not None and h.edit_id == e.edit_id for h, e in zip(hits, edits[:20], strict=True))
-    metrics = evaluate_tier(tier.recipe, tier.encoder, model, tokenizer, edits, diagnostics=False)
-    recorded = json.loads(default_checkpoint_path().with_suffix(".json").read_text())["val"]["100"]
+    val = json.loads(default_checkpoint_path().with_suffix(".json").read_text())["val"]
+    recorded = val["100"]
+    # The record's numbers are for the injection the checkpoint was trained (and is served) with.
+    metrics = evaluate_tier(tier.recipe, tier.encoder, model, tokenizer, edits, diagnostics=False,
+                            injection=val.get("injection", "prompt"))
     assert own / 20 >= recorded["rel_hit"] - 0.1
     for name in ("reliability", "generality", "locality", "rel_hit", "gen_hit", "loc_reject"):
         assert getattr(metrics, name) >= recorded[name] - 0.05, (name, metrics.as_dict(), recorded)
-    # The shipped default injection (continuous prompt + statement text): 0.97 / 0.87 / 0.99 measured on these 100
-    # (benchmarks/results/retrieval_injection_cpu.json, "sweep"); asserted with the same 0.05 margin.
-    hybrid = evaluate_tier(tier.recipe, tier.encoder, model, tokenizer, edits, diagnostics=False, injection="hybrid")
-    assert hybrid.reliability >= 0.92 and hybrid.generality >= 0.82 and hybrid.locality >= 0.94, hybrid.as_dict()
     # A hit's prompt goes in front of the query; a retired edit is no longer returned.
     edit = next(e for e, h in zip(edits, hits, strict=False) if h is not None and h.edit_id == e.edit_id)
     hit = again.lookup(edit.text)

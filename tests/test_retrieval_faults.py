@@ -14,7 +14,7 @@ import redis
 import torch
 
 from tests.redis_servers import start_redis
-from tests.test_retrieval import _repo, _tiny_edit, _unit, redis_prefix  # noqa: F401 (fixture)
+from tests.test_retrieval import _repo, _tiny_edit, _unit
 from workers.retrieval.repository import KnowledgeRepository
 
 
@@ -60,7 +60,7 @@ def test_lookups_survive_a_redis_outage(own_redis, caplog) -> None:
     redis.Redis.from_url(url).shutdown(nosave=True)
 
 
-def test_entries_that_fail_validation_are_never_served(redis_prefix: str, caplog) -> None:  # noqa: F811
+def test_entries_that_fail_validation_are_never_served(redis_prefix: str, caplog) -> None:
     writer = _repo(redis_prefix)
     good, forged, wrong_size, nan = (_tiny_edit().model_copy(update={"edit_id": e})
                                      for e in ("good", "forged", "short", "nan"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from tests.test_retrieval import redis_prefix  # noqa: F401 (fixture)
 from workers.retrieval.subject_gate import SubjectGate, subject_words
 
 
@@ -20,6 +19,37 @@ def test_a_query_names_an_edit_by_every_word_of_its_subject() -> None:
     assert gate.candidates("Sartre, Jean-Paul, wrote in") == {"sartre"}
     assert gate.candidates("Pineapple juice") == set()  # whole words only: 'apple' is not in 'pineapple'
     assert subject_words("The Beatles") == frozenset({"beatles"})
+
+
+def test_a_longer_name_that_starts_with_the_subject_does_not_name_it() -> None:
+    """CounterFact neighbourhood prompts such as "Nintendo DS Lite, created by" reached the "Nintendo DS" edit."""
+    gate = SubjectGate()
+    gate.add("ds", "Nintendo DS")
+    gate.add("vu", "Vanderbilt University")
+    assert gate.candidates("Nintendo DS Lite, created by") == set()
+    assert gate.candidates("Vanderbilt University Department of Leadership is headquartered in") == set()
+    assert gate.candidates("Nintendo DS, developed by") == {"ds"}
+    assert gate.candidates("The Nintendo DS is made by") == {"ds"}
+    assert gate.candidates("Nintendo DS The handheld") == {"ds"}  # a stopword after it: still the subject
+    assert gate.candidates("Nintendo DS Lite or Nintendo DS: who made the") == {"ds"}  # named plainly once
+    assert gate.candidates("Nintendo DS\nLite") == {"ds"}  # only one space continues a name
+    assert gate.candidates("Who taught at Vanderbilt University? Vanderbilt University employs") == {"vu"}
+    assert gate.candidates("DS by Nintendo Lite") == {"ds"}  # words apart: the bag rule alone decides
+
+
+def test_neighbour_probes_that_ask_a_stored_edits_own_fact_are_collisions() -> None:
+    from shared.schemas import EditRequest, Probe
+    from workers.retrieval.evaluation import colliding_probes
+
+    riga = EditRequest(edit_id="riga", subject="Riga", prompt="{} is a twin city of", target_new="Athens",
+                       target_true="Kiev", neighborhood_prompts=[Probe(prompt="The twin city of Oslo is", target="X")])
+    oslo = EditRequest(edit_id="oslo", subject="Oslo", prompt="{} is a twin city of", target_new="Lima",
+                       target_true="Y", neighborhood_prompts=[Probe(prompt="The twin city of Riga is", target="Kiev"),
+                                                              Probe(prompt="Riga is the capital of", target="Latvia"),
+                                                              Probe(prompt="Tallinn is a twin city of", target="Kiev")])
+    # Only Oslo's probe that names Riga and expects the answer the Riga edit replaces (Kiev) collides.
+    assert colliding_probes([riga, oslo]) == {("The twin city of Riga is", "Kiev")}
+    assert colliding_probes([oslo]) == set()
 
 
 def test_replace_remove_and_entries_without_a_subject() -> None:
@@ -62,7 +92,7 @@ def test_the_index_searches_only_among_the_named_edits() -> None:
     assert index.candidates("Paris lies on") == set()
 
 
-def test_subjects_travel_through_redis_to_other_readers(redis_prefix) -> None:  # noqa: F811
+def test_subjects_travel_through_redis_to_other_readers(redis_prefix) -> None:
     import torch
 
     from tests.test_retrieval import _repo, _tiny_edit

@@ -8,6 +8,11 @@
 * specificity: CounterFact's neighbourhood score (P(true) > P(target_new)) with the tier, for comparison with the
   weight editors; ``base_*`` is the same without the tier, ``oracle_*`` with the query's own prompt forced in.
 * hit rates: own edit retrieved for edit / paraphrase prompts, sentinel rejects for neighbourhood prompts.
+* ``locality_no_collisions``: locality without the neighbourhood prompts that ask another stored edit's own fact.
+  CounterFact draws a record's neighbours from subjects with the same relation and true object, so with hundreds of
+  edits stored together some neighbour prompts name a stored subject and expect exactly the answer that edit
+  replaces ("The twin city of Riga is" -> Kiev while "Riga is a twin city of" Kiev -> Athens is stored): serving the
+  edit there is right, and the plain metric counts it as a failure. ``loc_collisions`` counts them.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from workers.retrieval.encoder import SentenceEncoder
 from workers.retrieval.index import KnowledgeIndex
 from workers.retrieval.injection import embed_prompted, text_prefix_ids
 from workers.retrieval.modules import RecipeModel
+from workers.retrieval.subject_gate import SubjectGate
 
 
 def statement(edit: EditRequest) -> str:
@@ -63,6 +69,8 @@ class TierMetrics:
     base_specificity: float | None = None
     oracle_reliability: float | None = None
     oracle_generality: float | None = None
+    locality_no_collisions: float | None = None
+    loc_collisions: int | None = None
 
     def as_dict(self) -> dict[str, float | int | None]:
         """The metrics plus the names ``editq retrieval eval --json`` promises: ``n``, ``retrieval_accuracy`` (own
@@ -123,6 +131,21 @@ def _mean(values: Sequence[float]) -> float:
     return float(sum(values) / len(values)) if values else float("nan")
 
 
+def colliding_probes(requests: Sequence[EditRequest]) -> set[tuple[str, str]]:
+    """(prompt, expected answer) of the neighbourhood probes that ask a stored edit's own fact: the prompt names the
+    edit's subject (the subject gate's rule) and expects exactly the true answer that edit replaces."""
+    named = SubjectGate()
+    for r in requests:
+        named.add(str(r.edit_id), r.subject)
+    replaced = {str(r.edit_id): str(r.target_true).strip() for r in requests}
+    return {
+        (p.prompt, p.target)
+        for r in requests
+        for p in r.neighborhood_prompts
+        if any(replaced[e] == p.target.strip() for e in named.candidates(p.prompt))
+    }
+
+
 @torch.no_grad()
 def evaluate_tier(
     recipe: RecipeModel,
@@ -160,6 +183,7 @@ def evaluate_tier(
         results = index.search_among(query_keys, [index.candidates(q[1]) for q in queries])
     else:
         results = index.search(query_keys)
+    colliding = colliding_probes(requests)
     items: dict[Item, int] = {}
 
     def need(item: Item) -> Item:
@@ -194,6 +218,9 @@ def evaluate_tier(
     def add(name: str, i: int, value: float) -> None:
         per.setdefault(name, {}).setdefault(i, []).append(value)
 
+    items_text = {it: it[0] for it in order}
+    cands_of = {it: it[1] for it in order}
+    collisions = 0
     for kind, i, hit, pairs in plan:
         wins = {v: float(nll_of[a] < nll_of[b]) for v, (a, b) in pairs.items()}
         name = {"rel": "reliability", "gen": "generality", "loc": "specificity"}[kind]
@@ -201,7 +228,13 @@ def evaluate_tier(
         for variant, win in wins.items():
             add(name if variant == "tier" else f"{variant}_{name}", i, win)
         if kind == "loc":
-            add("locality", i, float(top_of[pairs["tier"][0]] == top_of[pairs["base"][0]]))
+            unchanged = float(top_of[pairs["tier"][0]] == top_of[pairs["base"][0]])
+            add("locality", i, unchanged)
+            text, truth = items_text[pairs["tier"][0]], cands_of[pairs["tier"][0]]
+            if (text, truth) in colliding:
+                collisions += 1
+            else:
+                add("locality_no_collisions", i, unchanged)
 
     def metric(name: str) -> float | None:
         if name not in per:
@@ -222,4 +255,6 @@ def evaluate_tier(
         base_specificity=metric("base_specificity"),
         oracle_reliability=metric("oracle_reliability"),
         oracle_generality=metric("oracle_generality"),
+        locality_no_collisions=metric("locality_no_collisions"),
+        loc_collisions=collisions,
     )

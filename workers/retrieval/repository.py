@@ -5,7 +5,9 @@ Layout under ``prefix`` (one repository per prefix, shared by every router):
 * ``{prefix}:entries`` hash edit_id -> JSON (edit_id, statement, the EditRequest, added_at)
 * ``{prefix}:keys`` / ``{prefix}:prompts`` hashes edit_id -> raw float32 bytes (key [r], prompt [p, hidden])
 * ``{prefix}:log`` stream of ``op=add|retire, edit_id``: routers replay it to stay in sync without reloading
-* ``{prefix}:meta`` hash: the checkpoint id the keys were made with (keys of another checkpoint are meaningless)
+  (``op=checkpoint``: the prefix was re-encoded for another checkpoint, ``reindex.py``)
+* ``{prefix}:meta`` hash: the checkpoint id the keys were made with (keys of another checkpoint are meaningless;
+  an instance with newer heads re-encodes the stored edits for them at start, ``reindex.py``)
 * ``{prefix}:sums`` hash edit_id -> sha256 of key, prompt and statement: an entry is validated (checksum, size,
   finite values, statement length) before it can be put in front of a query; a bad one is skipped and logged
 
@@ -40,6 +42,7 @@ import torch
 from shared.schemas import EditRequest
 from workers.retrieval.ann import AnnConfig
 from workers.retrieval.index import KnowledgeIndex, RetrievalHit, SearchResult
+from workers.retrieval.reindex import Encode, key_names, reindex
 
 log = logging.getLogger("editq.retrieval")
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -112,7 +115,10 @@ class KnowledgeRepository:
         log_maxlen: int = 1_000_000,
         client: redis.Redis | None = None,
         ann: AnnConfig | None = None,
+        reencode: Encode | None = None,
     ) -> None:
+        """``reencode`` (this checkpoint's heads, edits -> keys and prompts): when the prefix holds another
+        checkpoint's keys, re-encode the stored edits for this one instead of refusing to start."""
         # Short timeouts: a Redis that stops answering must not hold every query behind the tier's lock.
         self.redis = client or redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=1.0)
         self.prefix = prefix
@@ -120,18 +126,23 @@ class KnowledgeRepository:
         self.refresh_interval_s = refresh_interval_s
         self.log_maxlen = log_maxlen
         self.index = KnowledgeIndex(sentinel_key, scale, sentinel_offset, ann=ann)
-        self._k = {name: f"{prefix}:{name}" for name in ("entries", "keys", "prompts", "log", "meta", "sums")}
+        self._k = key_names(prefix)
         self.stale_since: float | None = None  # monotonic time of the first failed refresh of an ongoing outage
         self.rejected_entries = 0  # entries skipped by validation (checksum, size, non-finite values)
-        self._claim_checkpoint(checkpoint_id)
+        self.checkpoint_id = checkpoint_id
+        self.superseded_by: str | None = None  # set when the prefix was re-encoded for another checkpoint
+        self._claim_checkpoint(checkpoint_id, reencode)
         self._last_id: tuple[int, int] | None = None
         self._last_refresh = 0.0
         self.reload()
 
-    def _claim_checkpoint(self, checkpoint_id: str) -> None:
+    def _claim_checkpoint(self, checkpoint_id: str, reencode: Encode | None) -> None:
         meta = self._k["meta"]
         self.redis.hsetnx(meta, "checkpoint", checkpoint_id)
         stored = self.redis.hget(meta, "checkpoint")
+        if stored is not None and stored.decode() != checkpoint_id and reencode is not None:
+            reindex(self.redis, self.prefix, checkpoint_id, reencode, _checksum, _to_bytes, self.log_maxlen)
+            stored = self.redis.hget(meta, "checkpoint")
         if stored is not None and stored.decode() != checkpoint_id:
             raise CheckpointMismatchError(
                 f"Redis prefix {self.prefix!r} holds keys of checkpoint {stored.decode()}, not {checkpoint_id}: "
@@ -187,13 +198,16 @@ class KnowledgeRepository:
         self._last_refresh = time.monotonic()
 
     def refresh(self) -> int:
-        """Apply changes other routers (or this one) logged since the last refresh; returns how many."""
-        log = self._k["log"]
+        """Apply changes other routers (or this one) logged since the last refresh; returns how many. Once the prefix
+        was handed to another checkpoint nothing more is applied: this instance answers from memory (``reindex.py``)."""
+        if self.superseded_by is not None:
+            return 0
+        log_key = self._k["log"]
         assert self._last_id is not None
         start = f"({self._last_id[0]}-{self._last_id[1]}"
         pipe = self.redis.pipeline(transaction=False)
-        pipe.xrange(log, count=1)
-        pipe.xrange(log, min=start)
+        pipe.xrange(log_key, count=1)
+        pipe.xrange(log_key, min=start)
         first, changes = pipe.execute()
         self._last_refresh = time.monotonic()
         if first and _stream_id(first[0][0]) > self._last_id:
@@ -201,6 +215,25 @@ class KnowledgeRepository:
             return len(self.index)
         if not changes:
             return 0
+        handover = next((i for i, (_, f) in enumerate(changes) if f[b"op"] == b"checkpoint"), None)
+        if handover is not None:
+            self._apply(changes[:handover])
+            fields = changes[handover][1]
+            if fields.get(b"checkpoint", b"").decode() == self.checkpoint_id:
+                self.reload()  # re-encoded for this instance's own heads (it, or a peer of the same release)
+                return len(changes)
+            self.superseded_by = fields.get(b"checkpoint", b"?").decode()
+            log.warning("retrieval tier %s: re-encoded for checkpoint %s; this instance (%s) keeps serving its "
+                        "in-memory copy of %d entries until it is restarted with the new checkpoint", self.prefix,
+                        self.superseded_by, self.checkpoint_id, len(self.index))
+            return handover
+        self._apply(changes)
+        return len(changes)
+
+    def _apply(self, changes: list) -> None:
+        """Replay add/retire ops of the log onto the in-memory index."""
+        if not changes:
+            return
         added = [f[b"edit_id"] for _, f in changes if f[b"op"] == b"add"]
         pipe = self.redis.pipeline(transaction=True)  # one consistent view of an entry (a writer uses MULTI too)
         for name in ("keys", "prompts", "entries", "sums"):
@@ -220,7 +253,6 @@ class KnowledgeRepository:
                 if (decoded := self._decode(edit_id, k, p, statement, checksum)) is not None:
                     self.index.add(edit_id.decode(), *decoded, statement, _subject(e))
         self._last_id = _stream_id(changes[-1][0])
-        return len(changes)
 
     def _maybe_refresh(self) -> None:
         """Replay the change log when due; during a Redis outage keep serving the last in-memory copy."""
@@ -260,13 +292,23 @@ class KnowledgeRepository:
         if len(statement) > MAX_STATEMENT_CHARS:
             raise ValueError(f"statement longer than {MAX_STATEMENT_CHARS} characters")
         key_bytes, prompt_bytes = _to_bytes(key), _to_bytes(prompt)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(self._k["entries"], edit_id, json.dumps(entry))
-        pipe.hset(self._k["keys"], edit_id, key_bytes)
-        pipe.hset(self._k["prompts"], edit_id, prompt_bytes)
-        pipe.hset(self._k["sums"], edit_id, _checksum(key_bytes, prompt_bytes, statement))
-        pipe.xadd(self._k["log"], {"op": "add", "edit_id": edit_id}, maxlen=self.log_maxlen, approximate=True)
-        pipe.execute()
+        with self.redis.pipeline(transaction=True) as pipe:
+            # Keys made by other heads than the prefix's would be meaningless to every reader: refuse (WATCH
+            # aborts the write if the prefix changes hands between this check and EXEC).
+            pipe.watch(self._k["meta"])
+            claimed = pipe.hget(self._k["meta"], "checkpoint")
+            if claimed is not None and claimed.decode() != self.checkpoint_id:
+                raise CheckpointMismatchError(
+                    f"Redis prefix {self.prefix!r} now belongs to checkpoint {claimed.decode()}; this instance has "
+                    f"{self.checkpoint_id}: restart it with the new checkpoint (edit {edit_id} not written)"
+                )
+            pipe.multi()
+            pipe.hset(self._k["entries"], edit_id, json.dumps(entry))
+            pipe.hset(self._k["keys"], edit_id, key_bytes)
+            pipe.hset(self._k["prompts"], edit_id, prompt_bytes)
+            pipe.hset(self._k["sums"], edit_id, _checksum(key_bytes, prompt_bytes, statement))
+            pipe.xadd(self._k["log"], {"op": "add", "edit_id": edit_id}, maxlen=self.log_maxlen, approximate=True)
+            pipe.execute()
         self.refresh()
 
     def retire(self, edit_id: str) -> bool:

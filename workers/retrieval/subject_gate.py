@@ -7,6 +7,11 @@ CounterFact's paraphrases and user questions about an edited fact name its subje
 the encoder for the rest, and restricts the search to the edits the query names. What it cannot serve: a query that
 refers to the subject only by another name ("the Big Apple" for New York City); ``EDITQ_RETRIEVAL_SUBJECT_GATE=false``
 restores the pure RECIPE behaviour. Words of scripts written without spaces (e.g. Chinese) are matched as substrings.
+
+A subject named only as the start of a longer name is not named: "Nintendo DS Lite" does not name "Nintendo DS"
+when every place the subject's words stand together is followed (after one space) by a capitalised word that is
+not a stopword. On 1,319 CounterFact val records this kept every edit prompt and paraphrase and cut the
+neighbourhood prompts that reach another edit from 3.3% to 2.8% (docs/retrieval.md).
 """
 
 from __future__ import annotations
@@ -17,6 +22,26 @@ from collections import defaultdict
 from shared.schemas import STOPWORDS
 
 WORD = re.compile(r"\w+")
+
+
+def extends_every_mention(query: str, phrase: tuple[str, ...]) -> bool:
+    """True when the subject's words stand together in ``query`` and every such place continues with a capitalised
+    non-stopword after one space ("Nintendo DS Lite" for "Nintendo DS"): the query names a longer entity."""
+    tokens = list(WORD.finditer(query))
+    folded = [t.group(0).casefold() for t in tokens]
+    n = len(phrase)
+    starts = [i for i in range(len(folded) - n + 1) if tuple(folded[i : i + n]) == phrase] if n else []
+    if not starts:
+        return False
+    for i in starts:
+        after = i + n
+        if after >= len(tokens):
+            return False
+        word = tokens[after].group(0)
+        gap = query[tokens[after - 1].end() : tokens[after].start()]
+        if gap != " " or not word[:1].isupper() or word.casefold() in STOPWORDS:
+            return False
+    return True
 
 
 def words(text: str) -> list[str]:
@@ -34,6 +59,7 @@ class SubjectGate:
 
     def __init__(self) -> None:
         self._words: dict[str, frozenset[str]] = {}
+        self._phrase: dict[str, tuple[str, ...]] = {}  # every word of the subject, in order (longer-name rule)
         self._by_word: dict[str, set[str]] = defaultdict(set)
         self._open: set[str] = set()  # no subject known (entries stored before subjects were): always candidates
 
@@ -47,11 +73,13 @@ class SubjectGate:
             self._open.add(edit_id)
             return
         self._words[edit_id] = required
+        self._phrase[edit_id] = tuple(words(subject or ""))
         for word in required:
             self._by_word[word].add(edit_id)
 
     def remove(self, edit_id: str) -> None:
         self._open.discard(edit_id)
+        self._phrase.pop(edit_id, None)
         for word in self._words.pop(edit_id, ()):
             ids = self._by_word[word]
             ids.discard(edit_id)
@@ -60,6 +88,7 @@ class SubjectGate:
 
     def clear(self) -> None:
         self._words.clear()
+        self._phrase.clear()
         self._by_word.clear()
         self._open.clear()
 
@@ -76,4 +105,5 @@ class SubjectGate:
             seen |= self._by_word.get(word, set())
         if any(not w.isascii() for w in self._by_word):  # unspaced scripts: a subject word may sit inside a run
             seen |= {e for w, ids in self._by_word.items() if not w.isascii() and w in folded for e in ids}
-        return {e for e in seen if all(has(w) for w in self._words[e])} | self._open
+        named = {e for e in seen if all(has(w) for w in self._words[e])}
+        return {e for e in named if not extends_every_mention(query, self._phrase[e])} | self._open

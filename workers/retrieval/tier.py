@@ -76,7 +76,8 @@ class RetrievalTier:
             from workers.retrieval.repository import KnowledgeRepository
 
             self.store = KnowledgeRepository(
-                sentinel, recipe.scale, recipe.sentinel_offset, shape, ckpt_id, url=redis_url, prefix=prefix, ann=ann
+                sentinel, recipe.scale, recipe.sentinel_offset, shape, ckpt_id, url=redis_url, prefix=prefix, ann=ann,
+                reencode=self._encode_unlocked,  # a prefix of an older checkpoint is re-encoded for these heads
             )
 
     @classmethod
@@ -127,6 +128,10 @@ class RetrievalTier:
     @torch.no_grad()
     def encode_edits(self, edits: Sequence[EditRequest]) -> tuple[torch.Tensor, torch.Tensor]:
         """Search keys [n, r] and continuous prompts [n, p, hidden] of edits (one encoder pass + two small MLPs)."""
+        return self._encode_unlocked(edits)
+
+    @torch.no_grad()
+    def _encode_unlocked(self, edits: Sequence[EditRequest]) -> tuple[torch.Tensor, torch.Tensor]:
         keys = self.recipe.knowledge_keys(self.encoder.features([statement(e) for e in edits]))
         return self.recipe.search_keys(keys), self.recipe.prompts(keys)
 

@@ -9,6 +9,11 @@ Losses, all weight 1 as in the paper (``__train_a_batch__`` of qizhou000/RECIPE)
   prepended (the paper's hinge: tokens whose p(label) >= 1.2 x the runner-up stop contributing);
 * locality: KL(unprompted || prompted) on the neighbourhood answer tokens, with the edit's prompt prepended.
 
+``injection="hybrid"`` trains the prompt head for what a hit serves by default: the continuous prompt, then the
+statement as text (``text_prefix_ids``), then the query, so the prompt learns to complement the text instead of
+standing alone (locality rows: see ``_rows_for``). ``init_from`` starts from a trained checkpoint (its
+standardisation and sentinel calibration are kept), so such a fine-tune costs a few hundred steps, not a full run.
+
 One change for CPU budgets: the encoder is frozen, so its features are computed once (cached in the work dir) and
 the contrastive terms run on a large batch (default 256) at almost no cost, while the LLM terms, which dominate the
 cost, run on a small batch of other edits each step. The paper uses one batch of 8 for both.
@@ -37,7 +42,7 @@ from workers.editing.tokens import chunks_by_tokens, target_token_ids
 from workers.model_io import load_model, model_fingerprint
 from workers.retrieval.encoder import SentenceEncoder
 from workers.retrieval.evaluation import evaluate_tier, statement
-from workers.retrieval.injection import embed_prompted
+from workers.retrieval.injection import embed_prompted, text_prefix_ids
 from workers.retrieval.modules import RecipeConfig, RecipeModel
 
 Progress = Callable[[str, int, int], None]
@@ -74,6 +79,10 @@ class TrainSettings(BaseModel):
     val_limits: list[int] = Field(default_factory=lambda: [100])
     seed: int = 0
     resume: bool = False
+    injection: Literal["prompt", "hybrid"] = Field(
+        default="prompt", description="What a hit puts in front of the query during training (see module doc)."
+    )
+    init_from: Path | None = Field(default=None, description="Start from this checkpoint instead of from scratch.")
 
 
 @dataclass
@@ -172,19 +181,24 @@ class _Row:
     edit: int  # index into the step's prompt batch; -1 for the unprompted reference
 
 
-def _rows_for(tokenizer: Any, requests: list[EditRequest]) -> list[_Row]:
+def _rows_for(tokenizer: Any, requests: list[EditRequest], injection: str = "prompt", step: int = 0) -> list[_Row]:
+    """Four rows per edit. With ``hybrid`` the edit and paraphrase rows carry the statement text in front, as served;
+    the locality row keeps the continuous prompt alone, so its KL term holds the part the head controls (the text's
+    own pull on a neighbour would dominate it, ~2 nats, and train the prompt to cancel the statement). The
+    paraphrase rotates with ``step`` so every paraphrase of a record is trained on over the epochs."""
     rows: list[_Row] = []
     for j, r in enumerate(requests):
         probe = r.neighborhood_prompts[0]
+        prefix = text_prefix_ids(tokenizer, statement(r)) if injection == "hybrid" else []
         for kind, text, target, edit in (
             ("rel", r.text, r.target_new, j),
-            ("gen", r.paraphrase_prompts[0], r.target_new, j),
+            ("gen", r.paraphrase_prompts[step % len(r.paraphrase_prompts)], r.target_new, j),
             ("loc", probe.prompt, probe.target, j),
             ("ref", probe.prompt, probe.target, -1),
         ):
             ids = tokenizer(text)["input_ids"]
             cand = target_token_ids(tokenizer, text, target)
-            rows.append(_Row(kind, ids + cand[:-1], cand, edit))
+            rows.append(_Row(kind, (prefix if kind in ("rel", "gen") else []) + ids + cand[:-1], cand, edit))
     return rows
 
 
@@ -195,11 +209,12 @@ def edit_losses(
     requests: list[EditRequest],
     keys: torch.Tensor,
     settings: TrainSettings,
+    step: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Reliability / generality NLL and locality KL for one batch of edits, through the frozen LLM."""
     prompts = recipe.prompts(keys)
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    rows = _rows_for(tokenizer, requests)
+    rows = _rows_for(tokenizer, requests, settings.injection, step)
     p = settings.prompt_tokens
     widths = [len(r.ids) + (0 if r.kind == "ref" else p) for r in rows]
     logps: dict[int, torch.Tensor] = {}
@@ -276,10 +291,15 @@ def train(settings: TrainSettings, progress: Progress | None = None, log: Log | 
         prompt_tokens=settings.prompt_tokens,
         sentinel_tokens=settings.sentinel_tokens,
     )
-    recipe = RecipeModel(config)
-    recipe.fit_standardisation(torch.cat(list(data.features.values()), 0))
-    recipe.set_embed_rms(model.get_input_embeddings().weight)
-    recipe.calibrate_sentinel(encoder, {k: v[:2000] for k, v in data.features.items()})
+    if settings.init_from is not None:
+        recipe, _ = RecipeModel.load(settings.init_from)
+        if recipe.config != config:
+            raise ValueError(f"{settings.init_from} was trained with {recipe.config}, this run asks for {config}")
+    else:
+        recipe = RecipeModel(config)
+        recipe.fit_standardisation(torch.cat(list(data.features.values()), 0))
+        recipe.set_embed_rms(model.get_input_embeddings().weight)
+        recipe.calibrate_sentinel(encoder, {k: v[:2000] for k, v in data.features.items()})
     prompt_params = list(recipe.prompt_head.parameters())
     retriever_params = [p for n, p in recipe.named_parameters() if not n.startswith("prompt_head.")]
     opt = torch.optim.Adam(
@@ -310,7 +330,7 @@ def train(settings: TrainSettings, progress: Progress | None = None, log: Log | 
             recipe, sentinel, {k: v[c_idx] for k, v in data.features.items()}, settings.contrastive_hinge_scale
         )
         keys = recipe.knowledge_keys(data.features["stmt"][e_idx])
-        losses |= edit_losses(recipe, model, tokenizer, [data.requests[i] for i in e_idx], keys, settings)
+        losses |= edit_losses(recipe, model, tokenizer, [data.requests[i] for i in e_idx], keys, settings, step)
         total = sum(losses.values())
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -356,7 +376,9 @@ def finish(
         if progress is not None:
             progress("val", 0, len(settings.val_limits))
         tick = time.perf_counter()
-        metrics = evaluate_tier(recipe, encoder, model, tokenizer, val_records[:n]).as_dict()
+        metrics = evaluate_tier(
+            recipe, encoder, model, tokenizer, val_records[:n], injection=settings.injection
+        ).as_dict()
         metrics["seconds"] = round(time.perf_counter() - tick, 1)
         val[str(n)] = metrics
     record = {
@@ -370,9 +392,10 @@ def finish(
         "feature_seconds": round(feature_seconds, 1),
         "torch_threads": torch.get_num_threads(),
         "settings": json.loads(
-            settings.model_dump_json(exclude={"data", "out", "work_dir", "model_path", "encoder_path"})
+            settings.model_dump_json(exclude={"data", "out", "work_dir", "model_path", "encoder_path", "init_from"})
         ),
-        "val": {"data": bundled_counterfact_path().name, **val},
+        "init_from": None if settings.init_from is None else settings.init_from.name,
+        "val": {"data": bundled_counterfact_path().name, "injection": settings.injection, **val},
     }
     settings.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     return record
