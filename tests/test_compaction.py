@@ -58,7 +58,7 @@ def test_compaction_is_one_joint_solve_on_the_base(tmp_path, tiny_llama, tiny_to
     solved = joint.solve_layers(live.requests, live.targets, {}, reader, first)
     for delta, layer in zip(solved.deltas, hp.layers, strict=True):
         expected = delta.apply(base[layer])
-        torch.testing.assert_close(editor.state.weights[layer], expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(editor.state.weights[layer], expected, rtol=1e-6, atol=1e-6)  # a few float32 ulps
         assert not torch.equal(editor.state.weights[layer], base[layer])
     # C_prev now holds exactly the live edits' keys on the compacted model.
     for layer, keys in done.result.edited_keys.items():
