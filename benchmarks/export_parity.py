@@ -57,7 +57,7 @@ def _commit(settings, n_edits: int):
 
 
 async def _replica_answers(settings, prompts: list[str], max_tokens: int) -> tuple[list[str], float]:
-    from controller.router import spawn_replicas, stop_replicas, wait_ready
+    from controller.rollout.router import spawn_replicas, stop_replicas, wait_ready
     from workers.serving.schemas import GenerateRequest
 
     clients = spawn_replicas(settings, detached=False)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import ray
 
-from controller.runtime import ensure_redis, init_ray, start_controller, stop_controller
+from controller.pipeline.runtime import ensure_redis, init_ray, start_controller, stop_controller
 from shared.settings import Settings
 from shared.streams import EditStreams
 from workers.datasets import bundled_counterfact_path, load_edits
@@ -78,7 +78,7 @@ async def _drive(settings: Settings, requests, rate: float, timeout_s: float) ->
 
 async def _wait_for_replicas(settings: Settings, timeout_s: float = 900) -> None:
     """Until every replica serves (engines started): the benchmark measures edits, not engine start-up."""
-    from controller.router import replica_clients, wait_ready
+    from controller.rollout.router import replica_clients, wait_ready
 
     deadline = time.monotonic() + timeout_s
     while True:  # the controller spawns the replicas shortly after it starts: wait for the named actors

@@ -26,7 +26,7 @@ from pathlib import Path
 import ray
 import torch
 
-from controller.runtime import ensure_redis, init_ray, start_controller, stop_controller
+from controller.pipeline.runtime import ensure_redis, init_ray, start_controller, stop_controller
 from shared.settings import Settings
 from shared.streams import EditStreams
 from workers.datasets import bundled_counterfact_path, load_edits

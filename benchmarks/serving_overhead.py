@@ -101,8 +101,8 @@ def editq(model_dir: Path, args, work: Path, tier: bool, entries: int = 0) -> di
     import ray
     import uvicorn
 
-    from controller.api import create_app
-    from controller.router import spawn_replicas, stop_replicas, wait_ready
+    from controller.api.app import create_app
+    from controller.rollout.router import spawn_replicas, stop_replicas, wait_ready
     from controller.security.keys import KeyStore, Scope
     from shared.settings import Settings
     from shared.streams import EditStreams

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import ray
 
-from controller.rollout import RolloutManager, probes_from_requests
-from controller.router import Router, spawn_replicas, stop_replicas, wait_ready
+from controller.rollout.rolling import RolloutManager, probes_from_requests
+from controller.rollout.router import Router, spawn_replicas, stop_replicas, wait_ready
 from shared.streams import EditStreams
 from shared.weight_store import LocalWeightStore
 from workers.datasets import bundled_counterfact_path, load_edits

@@ -140,7 +140,7 @@ def smollm2():
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     """The Redis server the queue tests run against (`.ci/run` starts one when none answers)."""
-    from controller.runtime import redis_answers
+    from controller.pipeline.runtime import redis_answers
     from shared.settings import Settings
 
     url = Settings().redis_url

@@ -96,8 +96,8 @@ class ServedAPI:
 
         import uvicorn
 
-        from controller.api import create_app
-        from controller.runtime import _free_port
+        from controller.api.app import create_app
+        from controller.pipeline.runtime import _free_port
 
         port = _free_port()
         self.url = f"http://127.0.0.1:{port}"

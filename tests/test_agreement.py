@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from controller.rollout import RolloutManager
+from controller.rollout.rolling import RolloutManager
 from shared.delta import MatrixDelta, tensor_sha256
 from shared.metrics import MemoryMetrics
 from shared.weight_store import LocalWeightStore, ReferenceAnswer, ReferenceAnswers, build_manifest

@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 
-from controller.api import create_app
+from controller.api.app import create_app
 from shared.settings import Settings
 from tests.pipeline_helpers import admin_key
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from controller.batching import Batcher
+from controller.pipeline.batching import Batcher
 from shared.schemas import EditRequest
 from shared.streams import StreamEntry
 

@@ -6,7 +6,7 @@ import json
 
 from typer.testing import CliRunner
 
-from controller.cli import app
+from controller.cli.main import app
 
 runner = CliRunner()
 
@@ -91,7 +91,7 @@ def test_submit_queues_valid_records_and_rejects_bad_ones_by_field(tmp_path, red
 def test_stats_computes_once_then_is_instant(tmp_path, tiny_model_dir, monkeypatch) -> None:
     """`editq stats` computes the statistics the worker will look up (same cache key), says from what text, and a
     second run finds them cached without loading the model; a --stats-corpus file gets its own cache."""
-    from controller.cli_common import console
+    from controller.cli.common import console
     from workers.model_io import model_fingerprint
 
     monkeypatch.setattr(console, "width", 400)  # long temp paths: no wrapping inside the checked phrases

@@ -177,8 +177,8 @@ def test_the_pipeline_compacts_periodically_and_on_request(ray_session, redis_ur
     ``editq compact``'s request makes another one. Workers rebuild the compacted versions bit for bit."""
     import asyncio
 
-    from controller.compaction import request_compaction
-    from controller.runtime import start_controller, stop_controller
+    from controller.pipeline.compaction import request_compaction
+    from controller.pipeline.runtime import start_controller, stop_controller
     from shared.streams import EditStreams
     from shared.weight_store import rebuild
     from tests.pipeline_helpers import Probe, pipeline_settings, tiny_requests

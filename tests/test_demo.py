@@ -11,7 +11,7 @@ import pytest
 import ray
 from rich.console import Console
 
-from controller.demo import DemoConfig, run_demo
+from controller.cli.demo import DemoConfig, run_demo
 from shared.settings import DEFAULT_MODEL_NAME, Settings
 from shared.streams import EditStreams
 from tests.test_demo_teardown import actor_gone

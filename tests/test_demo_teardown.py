@@ -11,8 +11,8 @@ import pytest
 import ray
 from rich.console import Console
 
-from controller.demo_wait import StartupError, wait_ready
-from controller.runtime import controller_name, start_controller, stop_controller
+from controller.cli.demo_wait import StartupError, wait_ready
+from controller.pipeline.runtime import controller_name, start_controller, stop_controller
 from shared.settings import Settings
 
 

@@ -65,7 +65,7 @@ def test_a_local_ray_cluster_runs_with_token_auth(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     script = (
         "import os, subprocess, sys, ray\n"
-        "from controller.runtime import init_ray\n"
+        "from controller.pipeline.runtime import init_ray\n"
         "init_ray(1)\n"
         "print('MODE', os.environ.get('RAY_AUTH_MODE'))\n"
         "gcs = ray.get_runtime_context().gcs_address\n"
@@ -98,7 +98,7 @@ def test_the_rayservice_is_the_raycluster_with_the_api_in_serve() -> None:
     from ray.serve import Application
 
     assert isinstance(built, Application)
-    from controller import serve_app
+    from controller.api import serve_app
 
     assert {d["name"] for d in application["deployments"]} == {
         serve_app.EditqAPI.name, serve_app.ControllerHost.name}

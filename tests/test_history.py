@@ -9,7 +9,7 @@ import uuid
 import pytest
 import torch
 
-from controller.publish import Publisher
+from controller.pipeline.publish import Publisher
 from shared.audit import AuditAction
 from shared.delta import MatrixDelta, tensor_sha256
 from shared.metrics import MemoryMetrics
@@ -119,7 +119,7 @@ def test_version_numbers_stay_above_the_store_after_redis_lost_its_state(redis_u
 
 
 def test_a_controller_refuses_to_start_on_a_redis_that_lost_its_state(redis_url, tmp_path) -> None:
-    from controller.operations import RecoveryRefused, RedisStateLostError, check_redis_state, recover_head
+    from controller.pipeline.operations import RecoveryRefused, RedisStateLostError, check_redis_state, recover_head
 
     store = LocalWeightStore(tmp_path)
     _put(store, 1, 0, ["a"])
@@ -146,7 +146,7 @@ def test_a_controller_refuses_to_start_on_a_redis_that_lost_its_state(redis_url,
 
 
 def test_controller_starts_and_setting_changes_are_audited_without_secrets(redis_url) -> None:
-    from controller.operations import record_settings
+    from controller.pipeline.operations import record_settings
     from shared.settings import Settings
 
     namespace = f"test-{uuid.uuid4().hex[:10]}"

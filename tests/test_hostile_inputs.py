@@ -10,8 +10,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from redis import Redis
 
-from controller.api import create_app
-from controller.rollout import mentions
+from controller.api.app import create_app
+from controller.rollout.rolling import mentions
 from shared.settings import Settings
 from tests.pipeline_helpers import admin_key
 
@@ -133,7 +133,7 @@ def test_a_chunked_body_cannot_hide_behind_a_small_content_length(redis_url, tmp
 
     import uvicorn
 
-    from controller.runtime import _free_port
+    from controller.pipeline.runtime import _free_port
 
     settings = Settings(redis_url=redis_url, namespace=f"test-{uuid.uuid4().hex[:10]}", home=tmp_path,
                         max_body_bytes=1024, auth=False)
@@ -192,7 +192,7 @@ def test_a_full_retrieval_tier_refuses_new_edits_at_the_door(redis_url, tmp_path
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"prompt": "x" * 32_001}, "prompt"),
 ])
 def test_openai_requests_are_bounded(body, field) -> None:
-    from controller.openai_api import build_openai_router
+    from controller.api.openai_api import build_openai_router
 
     app = FastAPI()
     app.include_router(build_openai_router(lambda: None, "smol"))  # refused before any replica is asked

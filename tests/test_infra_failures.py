@@ -8,7 +8,7 @@ import asyncio
 import errno
 import time
 
-from controller.service import Controller
+from controller.pipeline.service import Controller
 from shared.metrics import MemoryMetrics
 from shared.outcomes import EditState
 from shared.streams import EditStreams

@@ -1,6 +1,6 @@
-"""One controller per namespace (controller/lease.py) on a real Redis and a local Ray cluster: a second controller
-on the same queue (an operator starting `editq up` twice, or the old and the new cluster of a KubeRay upgrade) stands
-by, takes nothing, and takes over when the first one stops."""
+"""One controller per namespace (controller/pipeline/lease.py) on a real Redis and a local Ray cluster: a second
+controller on the same queue (an operator starting `editq up` twice, or the old and the new cluster of a KubeRay
+upgrade) stands by, takes nothing, and takes over when the first one stops."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import uuid
 
 import ray
 
-from controller.lease import ControllerLease
-from controller.runtime import controller_name, start_controller, stop_controller
-from controller.service import Controller
+from controller.pipeline.lease import ControllerLease
+from controller.pipeline.runtime import controller_name, start_controller, stop_controller
+from controller.pipeline.service import Controller
 from tests.pipeline_helpers import Probe, pipeline_settings, tiny_requests
 from tests.test_pipeline import _submit
 

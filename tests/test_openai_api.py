@@ -9,7 +9,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from controller.openai_api import build_openai_router, install_openai_errors
+from controller.api.openai_api import build_openai_router, install_openai_errors
 from tests.test_serving_logic import GOOD, PROBE, FakeReplica, router
 
 
@@ -65,7 +65,7 @@ def test_query_cli_prints_the_answer_and_its_version(api: TestClient, monkeypatc
     import typer
     from typer.testing import CliRunner
 
-    from controller import query_cli
+    from controller.cli import query as query_cli
 
     monkeypatch.setattr(query_cli.httpx, "Client", lambda **_: api)
     cli = typer.Typer()
@@ -81,7 +81,7 @@ def test_query_cli_explains_an_unavailable_version(api: TestClient, monkeypatch)
     import typer
     from typer.testing import CliRunner
 
-    from controller import query_cli
+    from controller.cli import query as query_cli
 
     monkeypatch.setattr(query_cli.httpx, "Client", lambda **_: api)
     cli = typer.Typer()

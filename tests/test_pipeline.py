@@ -11,7 +11,7 @@ import pytest
 import ray
 import torch
 
-from controller.runtime import start_controller, stop_controller
+from controller.pipeline.runtime import start_controller, stop_controller
 from shared.jobs import ValuesJob, WorkerConfig
 from shared.outcomes import EditState
 from shared.streams import EditStreams

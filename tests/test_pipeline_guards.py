@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from controller.runtime import start_controller, stop_controller
+from controller.pipeline.runtime import start_controller, stop_controller
 from tests.pipeline_helpers import Probe, ServedAPI, pipeline_settings, tiny_requests
 from tests.test_pipeline import run_to_terminal
 

@@ -22,8 +22,8 @@ import pytest
 import uvicorn
 from redis import Redis
 
-from controller.api import create_app
-from controller.prometheus_setup import ALERTS, ray_metrics_port, write_local_config
+from controller.api.app import create_app
+from controller.cli.prometheus_setup import ALERTS, ray_metrics_port, write_local_config
 from controller.security.keys import Scope
 from shared.settings import Settings
 from tests.test_security import _key

@@ -9,8 +9,8 @@ import uuid
 
 import pytest
 
-from controller.publish import Publisher
-from controller.rollout import RolloutResult
+from controller.pipeline.publish import Publisher
+from controller.rollout.rolling import RolloutResult
 from shared.metrics import MemoryMetrics
 from shared.outcomes import EditOutcome, EditState, ReasonCode, Route
 from shared.schemas import EditRequest

@@ -14,8 +14,8 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from controller.api import create_app
-from controller.runtime import start_controller, stop_controller
+from controller.api.app import create_app
+from controller.pipeline.runtime import start_controller, stop_controller
 from shared.settings import Settings, redacted_url
 from tests.pipeline_helpers import Probe, admin_key, pipeline_settings, tiny_requests
 from tests.redis_servers import start_redis, stop_redis
@@ -59,7 +59,7 @@ def test_the_cli_never_prints_the_password(locked_redis, tmp_path) -> None:
     url, port = locked_redis
     env = {**os.environ, "EDITQ_REDIS_URL": url, "EDITQ_NAMESPACE": f"t-{uuid.uuid4().hex[:8]}",
            "EDITQ_HOME": str(tmp_path)}
-    cli = [sys.executable, "-m", "controller.cli"]
+    cli = [sys.executable, "-m", "controller.cli.main"]
     made = subprocess.run([*cli, "keys", "create", "feed", "--scope", "edits:write"], env=env, capture_output=True,
                           text=True, timeout=120)
     assert made.returncode == 0 and "eq_" in made.stdout and PASSWORD not in made.stdout + made.stderr

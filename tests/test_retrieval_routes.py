@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 
-from controller.runtime import start_controller, stop_controller
+from controller.pipeline.runtime import start_controller, stop_controller
 from shared.settings import Settings
 from tests.pipeline_helpers import Probe, ServedAPI
 from tests.test_pipeline import _submit

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from controller.api import create_app
+from controller.api.app import create_app
 from controller.security.keys import KeyStore, Scope
 from shared.settings import Settings
 

@@ -1,4 +1,4 @@
-"""editq as a Ray Serve application (controller/serve_app.py, what deploy/kuberay/rayservice.yaml runs) on the local
+"""editq as a Ray Serve application (controller/api/serve_app.py, what deploy/kuberay/rayservice.yaml runs) on the local
 Ray cluster: Serve's proxy answers the real API, the controller host starts the controller, an edit submitted over
 HTTP through Serve is applied, and Serve's health check follows the controller."""
 
@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from controller.runtime import _free_port
+from controller.pipeline.runtime import _free_port
 from tests.pipeline_helpers import Probe, admin_key, pipeline_settings, tiny_requests
 
 pytestmark = pytest.mark.slow
@@ -19,7 +19,7 @@ def test_the_serve_application_takes_edits_through_serves_proxy(ray_session, red
                                                                 tmp_path) -> None:
     from ray import serve
 
-    from controller.serve_app import build
+    from controller.api.serve_app import build
 
     settings = pipeline_settings(tmp_path, tiny_model_dir, redis_url, serving_replicas=0, retrieval_enabled=False)
     env = {f"EDITQ_{k.upper()}": str(v) for k, v in settings.model_dump(mode="json").items()

@@ -21,9 +21,16 @@ import pytest
 import ray
 from fastapi import FastAPI
 
-from controller.openai_api import build_openai_router
-from controller.rollout import RolloutManager, probes_from_requests
-from controller.router import RayReplicaClient, Router, replica_clients, spawn_replicas, stop_replicas, wait_ready
+from controller.api.openai_api import build_openai_router
+from controller.rollout.rolling import RolloutManager, probes_from_requests
+from controller.rollout.router import (
+    RayReplicaClient,
+    Router,
+    replica_clients,
+    spawn_replicas,
+    stop_replicas,
+    wait_ready,
+)
 from shared.delta import tensor_sha256, to_checkpoint_orientation
 from shared.schemas import EditRequest
 from shared.streams import EditStreams

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from controller.rollout import RolloutManager
-from controller.router import NoReplicaError, Router
+from controller.rollout.rolling import RolloutManager
+from controller.rollout.router import NoReplicaError, Router
 from workers.serving.config import ServingSettings
 from workers.serving.schemas import (
     ControlFact,
@@ -178,7 +178,7 @@ def test_control_facts_about_an_edited_subject_are_not_judged() -> None:
 
 
 def test_the_clients_neighbourhood_prompts_join_the_control_gate() -> None:
-    from controller.rollout import probes_from_requests
+    from controller.rollout.rolling import probes_from_requests
     from shared.schemas import EditRequest, Probe
 
     request = EditRequest(subject="Acme Corp", prompt="The CEO of {} is", target_new="Jane Doe",
@@ -348,7 +348,7 @@ async def _many(r: Router, request: GenerateRequest, n: int) -> list[GenerateRes
 
 
 def test_a_rolling_restart_never_takes_the_last_ready_replica_out() -> None:
-    from controller.upgrade import UpgradeRefused, rolling_restart
+    from controller.rollout.upgrade import UpgradeRefused, rolling_restart
 
     replicas = [FakeReplica("a", version=GOOD), FakeReplica("b", version=GOOD)]
     replicas[1].state = ReplicaState.starting  # b cannot take a's traffic

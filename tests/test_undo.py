@@ -77,8 +77,8 @@ def _wait(condition, timeout_s: float = 180.0, what: str = "") -> None:
 
 
 def test_revert_and_rollback_through_the_pipeline(ray_session, redis_url, tiny_model_dir, tmp_path) -> None:
-    from controller.api import create_app
-    from controller.runtime import start_controller, stop_controller
+    from controller.api.app import create_app
+    from controller.pipeline.runtime import start_controller, stop_controller
     from tests.pipeline_helpers import Probe, admin_key, pipeline_settings, tiny_requests
 
     settings = pipeline_settings(tmp_path, tiny_model_dir, redis_url, batch_max_size=3, retrieval_enabled=False)

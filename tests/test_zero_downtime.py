@@ -21,9 +21,9 @@ import httpx
 import pytest
 import ray
 
-from controller.router import replica_clients, spawn_replicas, wait_ready
-from controller.runtime import start_controller, stop_controller
-from controller.upgrade import rolling_restart
+from controller.pipeline.runtime import start_controller, stop_controller
+from controller.rollout.router import replica_clients, spawn_replicas, wait_ready
+from controller.rollout.upgrade import rolling_restart
 from shared.outcomes import EditState
 from shared.settings import Settings
 from shared.streams import EditStreams

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -25,8 +25,20 @@ from workers.guards.norm_cap import cap_update
 from workers.guards.prune import prune_accumulated
 from workers.guards.revive import Spectrum, protected_bases, revive_filter
 
-if TYPE_CHECKING:  # annotations only: the guards never import the editing package at run time
-    from workers.editing.hparams import EditHParams
+
+class GuardSettings(Protocol):
+    """The guard's knobs, as the editor's hyperparameters carry them (``workers.editing.hparams.EditHParams``
+    satisfies this). A protocol, so the guards never import the editing package back."""
+
+    guard: str
+    revive_energy: float
+    revive_rank: int | None
+    revive_subspace: str
+    seed: int
+    norm_cap: float | None
+    prune: bool
+    prune_alpha: float
+    guard_min_efficacy: float
 
 COLLAPSE_RISK = "collapse_risk"
 # Without target_true an edit counts as taken when its mean target NLL is below ln 2, i.e. the geometric-mean
@@ -104,7 +116,7 @@ class GuardedDelta:
 class SpectralGuard:
     """REVIVE, the norm cap and/or PRUNE for the edited matrices of one editor, relative to their pretrained W0."""
 
-    def __init__(self, hparams: EditHParams, base: dict[int, torch.Tensor], spectra: dict[int, Spectrum],
+    def __init__(self, hparams: GuardSettings, base: dict[int, torch.Tensor], spectra: dict[int, Spectrum],
                  device: torch.device | str = "cpu") -> None:
         self.hp = hparams
         self.device = torch.device(device)
@@ -119,7 +131,7 @@ class SpectralGuard:
                 self.bases[layer] = (u_k.to(self.device), v_k.to(self.device))
 
     @staticmethod
-    def active(hparams: EditHParams) -> bool:
+    def active(hparams: GuardSettings) -> bool:
         return hparams.guard != "none" or hparams.prune or hparams.norm_cap is not None
 
     def protected_rank(self, layer: int) -> int:
@@ -152,7 +164,7 @@ class SpectralGuard:
 
 
 def check_batch(
-    efficacy: torch.Tensor, hparams: EditHParams, edit_ids: Sequence[str], filtered_energy: dict[int, float]
+    efficacy: torch.Tensor, hparams: GuardSettings, edit_ids: Sequence[str], filtered_energy: dict[int, float]
 ) -> None:
     """Raise ``GuardRejection`` when the guarded batch's efficacy is below ``guard_min_efficacy``."""
     mean = float(efficacy.mean()) if efficacy.numel() else float("nan")

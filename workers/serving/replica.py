@@ -1,7 +1,7 @@
 """A serving replica: one vLLM ``AsyncLLM`` that hot-swaps committed weight versions while it serves.
 
-A plain class, made a Ray actor by the controller (``controller.rollout.spawn_replicas``). On start (and after any
-restart Ray does) it loads the base model, then catches up to the live version (Redis ``live`` pointer) before it
+A plain class, made a Ray actor by the controller (``controller.rollout.router.spawn_replicas``). On start (and after
+any restart Ray does) it loads the base model, then catches up to the live version (Redis ``live`` pointer) before it
 reports ``ready``, so no replica ever serves an unknown version.
 
 A swap (``apply_version``): materialise the target's full changed matrices (base + verified deltas), write them to a

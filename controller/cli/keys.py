@@ -10,7 +10,7 @@ from typing import Annotated, TypeVar
 import typer
 from rich.table import Table
 
-from controller.cli_common import console, fail, with_streams
+from controller.cli.common import console, fail, with_streams
 from controller.security.keys import ApiKey, KeyStore, Scope
 from shared.settings import Settings
 from shared.streams import EditStreams

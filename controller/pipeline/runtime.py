@@ -21,7 +21,7 @@ import ray
 from redis import Redis
 from redis.exceptions import RedisError
 
-from controller.service import Controller
+from controller.pipeline.service import Controller
 from shared.settings import Settings, redacted_url
 
 log = logging.getLogger("editq.runtime")
@@ -161,7 +161,7 @@ def stop_controller(actor, run_ref, timeout_s: float = 60.0, stop_serving: bool 
 def kill_replicas(settings: Settings) -> int:
     """Remove the (detached) replica actors by name, without waiting for their engines: the last resort of a
     teardown whose controller could not stop them. Returns how many were found."""
-    from controller.router import replica_name
+    from controller.rollout.router import replica_name
 
     found = 0
     for index in range(settings.serving_replicas):

@@ -29,9 +29,9 @@ from shared.streams import EditStreams
 from shared.weight_store import StoreError, VersionManifest, WeightStore
 
 if TYPE_CHECKING:
-    from controller.compaction import Compactor
-    from controller.pool import EditWorkerPool
-    from controller.publish import Publisher
+    from controller.pipeline.compaction import Compactor
+    from controller.pipeline.pool import EditWorkerPool
+    from controller.pipeline.publish import Publisher
 
 log = logging.getLogger("editq.undo")
 MAX_REVERTS_PER_VERSION = 100

@@ -8,9 +8,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from controller import operations, undo
-from controller.cli_common import console, err_console, fail, with_streams
-from controller.security.keys_cli import operator
+from controller.cli.common import console, err_console, fail, with_streams
+from controller.cli.keys import operator
+from controller.pipeline import operations, undo
 from shared.audit import AuditAction
 from shared.settings import Settings
 from shared.weight_store import LocalWeightStore, StoreError
@@ -98,7 +98,7 @@ def recover(
 
 
 def register(app: typer.Typer) -> None:
-    from controller.security.keys_cli import keys_app
+    from controller.cli.keys import keys_app
 
     app.add_typer(keys_app, name="keys")
     for command in (audit, pause, resume, revert, rollback, recover):

@@ -29,9 +29,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from controller.api import create_app
-from controller.demo_wait import describe_worker, wait_ready
-from controller.runtime import _free_port, ensure_redis, init_ray, start_controller, stop_controller
+from controller.api.app import create_app
+from controller.cli.demo_wait import describe_worker, wait_ready
+from controller.pipeline.runtime import _free_port, ensure_redis, init_ray, start_controller, stop_controller
 from shared.outcomes import EditState, EditStatus
 from shared.schemas import EditRequest
 from shared.settings import Settings, redacted_url
@@ -131,8 +131,8 @@ class ForeignStoreError(RuntimeError):
 
 async def _demo_key(settings: Settings) -> str:
     """An admin key in the demo's own namespace (reset with it), so the demo talks to its API as any client."""
+    from controller.cli.keys import operator
     from controller.security.keys import KeyStore, Scope
-    from controller.security.keys_cli import operator
 
     streams = EditStreams.from_url(settings.redis_url, settings.namespace)
     try:

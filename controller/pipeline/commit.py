@@ -12,10 +12,10 @@ import logging
 import time
 from datetime import UTC, datetime
 
-from controller.compaction import Compactor
-from controller.pool import EditWorkerPool
-from controller.publish import Publisher, count_routes
-from controller.verdicts import HeadRevertedError, StaleHeadError
+from controller.pipeline.compaction import Compactor
+from controller.pipeline.pool import EditWorkerPool
+from controller.pipeline.publish import Publisher, count_routes
+from controller.pipeline.verdicts import HeadRevertedError, StaleHeadError
 from shared.metrics import Metrics
 from shared.outcomes import EditOutcome, EditState, Route
 from shared.streams import EditStreams, Finished, StreamEntry

@@ -23,8 +23,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from controller.openai_logprobs import chat_logprobs, completion_logprobs
-from controller.router import NoReplicaError, Router
+from controller.api.openai_logprobs import chat_logprobs, completion_logprobs
+from controller.rollout.router import NoReplicaError, Router
 from shared.streams import EditStreams
 from workers.serving.schemas import (
     MAX_LOGPROBS,

@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from controller.cli_common import console, fail, with_streams
-from controller.security.keys_cli import operator
+from controller.cli.common import console, fail, with_streams
+from controller.cli.keys import operator
 from shared.audit import AuditAction, AuditEntry
 from shared.settings import Settings
 from shared.streams import EditStreams
@@ -25,8 +25,8 @@ def restart_replicas(
     restart is audited. Queries keep being answered by the other replicas throughout."""
     import ray
 
-    from controller.router import replica_clients
-    from controller.upgrade import RestartReport, UpgradeRefused, rolling_restart
+    from controller.rollout.router import replica_clients
+    from controller.rollout.upgrade import RestartReport, UpgradeRefused, rolling_restart
 
     ray.init(address="auto", namespace="editq", log_to_driver=False)
     principal = operator()

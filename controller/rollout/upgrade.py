@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from pydantic import BaseModel
 
-from controller.router import ReplicaClient
+from controller.rollout.router import ReplicaClient
 from workers.serving.schemas import ReplicaState, ReplicaStatus
 
 log = logging.getLogger("editq.upgrade")

@@ -19,16 +19,16 @@ from datetime import UTC, datetime
 from pydantic import BaseModel
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from controller import operations
-from controller.batching import Batcher
-from controller.commit import Committer
-from controller.compaction import Compactor
-from controller.janitor import dead_letter_if_poison, sweep
-from controller.lease import ControllerLease
-from controller.pool import EditWorkerPool
-from controller.publish import Publisher
-from controller.undo import Undo
-from controller.verdicts import (
+from controller.pipeline import operations
+from controller.pipeline.batching import Batcher
+from controller.pipeline.commit import Committer
+from controller.pipeline.compaction import Compactor
+from controller.pipeline.janitor import dead_letter_if_poison, sweep
+from controller.pipeline.lease import ControllerLease
+from controller.pipeline.pool import EditWorkerPool
+from controller.pipeline.publish import Publisher
+from controller.pipeline.undo import Undo
+from controller.pipeline.verdicts import (
     InfrastructureError,
     StaleHeadError,
     Verdicts,
@@ -169,7 +169,7 @@ class Controller:
     async def stop_serving(self) -> None:
         """Shut the (detached) serving replicas down; they otherwise outlive the controller on purpose."""
         if self.publisher.rollout is not None:
-            from controller.router import stop_replicas
+            from controller.rollout.router import stop_replicas
 
             await stop_replicas(self.publisher.rollout.clients)
 
@@ -193,8 +193,8 @@ class Controller:
         await self.streams.ensure_group()
         await operations.record_settings(self.streams, s)
         if s.serving_replicas > 0:
-            from controller.rollout import RolloutManager
-            from controller.router import spawn_replicas
+            from controller.rollout.rolling import RolloutManager
+            from controller.rollout.router import spawn_replicas
 
             # Before the workers, never after them: preparing a worker can take minutes on a fresh machine, and
             # each replica starts its engine and catches up to the live version on its own meanwhile (actor
@@ -217,7 +217,7 @@ class Controller:
     async def _start_indexer(self) -> None:
         import ray
 
-        from controller.indexer import RetrievalIndexer
+        from controller.pipeline.indexer import RetrievalIndexer
 
         self.indexer = ray.remote(RetrievalIndexer).options(
             num_cpus=0, max_restarts=-1, max_task_retries=-1

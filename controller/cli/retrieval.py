@@ -10,8 +10,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from controller.cli_common import HomeOpt, ModelOpt, console, fail, settings_with
-from controller.progress import stage_progress
+from controller.cli.common import HomeOpt, ModelOpt, console, fail, settings_with
+from controller.cli.progress import stage_progress
 from shared.settings import INJECTIONS
 
 retrieval_app = typer.Typer(help="RECIPE retrieval tier: train and evaluate its heads.", no_args_is_help=True)

@@ -10,15 +10,15 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from controller.audit_cli import register as register_operator_commands
-from controller.cli_common import HomeOpt, ModelOpt, console, fail, settings_with
-from controller.export_cli import export
-from controller.pipeline_cli import register as register_pipeline_commands
-from controller.progress import stage_progress
-from controller.query_cli import query
-from controller.retrieval_cli import retrieval_app
-from controller.stats_cli import stats
-from controller.upgrade_cli import restart_replicas
+from controller.cli.audit import register as register_operator_commands
+from controller.cli.common import HomeOpt, ModelOpt, console, fail, settings_with
+from controller.cli.export import export
+from controller.cli.pipeline import register as register_pipeline_commands
+from controller.cli.progress import stage_progress
+from controller.cli.query import query
+from controller.cli.retrieval import retrieval_app
+from controller.cli.stats import stats
+from controller.cli.upgrade import restart_replicas
 
 # Tracebacks never show local variables: they can hold secrets (API keys, a Redis URL with its password).
 app = typer.Typer(help="editq: keep a served LLM's facts correct while it serves.", no_args_is_help=True,
@@ -155,9 +155,9 @@ def demo(
     home: HomeOpt = None,
 ) -> None:
     """The whole system on this machine: stream CounterFact edits, serve them from vLLM replicas, show before/after."""
-    from controller.demo import DemoConfig, ForeignStoreError, run_demo
-    from controller.demo_wait import StartupError
-    from controller.runtime import RedisUnavailableError
+    from controller.cli.demo import DemoConfig, ForeignStoreError, run_demo
+    from controller.cli.demo_wait import StartupError
+    from controller.pipeline.runtime import RedisUnavailableError
 
     if os.environ.get("EDITQ_DEMO_EDITS"):
         n_edits = int(os.environ["EDITQ_DEMO_EDITS"])

@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
-from controller.verdicts import StaleHeadError
+from controller.pipeline.verdicts import StaleHeadError
 from shared.audit import AuditAction, AuditEntry
 from shared.metrics import Metrics
 from shared.schemas import EditRequest
@@ -28,8 +28,8 @@ from workers.editing.compaction import COMPACTABLE_ALGOS, CompactionRefused
 from workers.guards import GuardRejection
 
 if TYPE_CHECKING:
-    from controller.pool import EditWorkerPool
-    from controller.publish import Publisher
+    from controller.pipeline.pool import EditWorkerPool
+    from controller.pipeline.publish import Publisher
 
 log = logging.getLogger("editq.compaction")
 REFUSALS = (CompactionRefused, GuardRejection, StoreError, ValueError)

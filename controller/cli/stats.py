@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from controller.cli_common import HomeOpt, ModelOpt, console, fail, settings_with
-from controller.progress import stage_progress
+from controller.cli.common import HomeOpt, ModelOpt, console, fail, settings_with
+from controller.cli.progress import stage_progress
 
 
 def stats(

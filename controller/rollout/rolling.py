@@ -33,7 +33,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from controller.router import ReplicaClient
+from controller.rollout.router import ReplicaClient
 from shared.metrics import MemoryMetrics, Metrics
 from shared.schemas import EditRequest
 from shared.streams import EditStreams

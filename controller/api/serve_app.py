@@ -1,15 +1,15 @@
 """editq as a Ray Serve application: what a KubeRay RayService runs (deploy/kuberay/rayservice.yaml).
 
 Two deployments. ``ControllerHost`` (one replica) starts the serving replicas and the controller on this Ray
-cluster and reports them to Serve's health checks. ``EditqAPI`` is the HTTP API (``controller.api.create_app``, built
-inside each Serve replica) behind Serve's proxy, as many copies as wanted. A RayService upgrade with
+cluster and reports them to Serve's health checks. ``EditqAPI`` is the HTTP API (``controller.api.app.create_app``,
+built inside each Serve replica) behind Serve's proxy, as many copies as wanted. A RayService upgrade with
 ``upgradeStrategy: NewCluster`` starts a whole new cluster beside the old one: its replicas load the live version from
 the shared store and Redis and serve queries at once, its controller stands by on the namespace's lease
-(``controller/lease.py``) while the old one still runs, and KubeRay moves the Service to the new cluster once Serve
-reports it healthy; when the old cluster goes, the new controller takes the lease over (at most its TTL later) and
-resumes the queue. Edits submitted meanwhile wait in Redis: none is lost or applied twice.
+(``controller/pipeline/lease.py``) while the old one still runs, and KubeRay moves the Service to the new cluster once
+Serve reports it healthy; when the old cluster goes, the new controller takes the lease over (at most its TTL later)
+and resumes the queue. Edits submitted meanwhile wait in Redis: none is lost or applied twice.
 
-    serve run controller.serve_app:app          # settings from EDITQ_* variables, as everywhere
+    serve run controller.api.serve_app:app          # settings from EDITQ_* variables, as everywhere
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import ray
 from ray import serve
 from ray.serve import Application
 
-from controller.api import create_app
-from controller.operations import UNHEALTHY_STATES
-from controller.runtime import controller_name, start_controller
+from controller.api.app import create_app
+from controller.pipeline.operations import UNHEALTHY_STATES
+from controller.pipeline.runtime import controller_name, start_controller
 from shared.settings import Settings
 
 log = logging.getLogger("editq.serve")
@@ -37,7 +37,7 @@ class ControllerHost:
     def __init__(self) -> None:
         settings = Settings()
         if settings.serving_replicas > 0:
-            from controller.router import spawn_replicas
+            from controller.rollout.router import spawn_replicas
 
             # Before the controller: a standby controller (another cluster still holds the lease) must not leave
             # this cluster without replicas, or it could not take the Service's traffic.

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from controller.cli_common import console, fail
+from controller.cli.common import console, fail
 from shared.settings import Settings
 from shared.weight_store import LocalWeightStore, StoreError
 

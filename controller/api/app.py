@@ -21,8 +21,8 @@ from pydantic import BaseModel
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from controller import operations, undo
-from controller.openai_api import install_openai_errors
+from controller.api.openai_api import install_openai_errors
+from controller.pipeline import operations, undo
 from controller.security.access import AccessControl, Principal
 from controller.security.body_limit import BodySizeLimit
 from controller.security.keys import Scope
@@ -109,8 +109,8 @@ def _mount_serving(app: FastAPI, settings: Settings, access: AccessControl) -> N
     before them and survives their restarts); the same keys, sent the way OpenAI clients send them."""
     import ray
 
-    from controller.openai_api import build_openai_router
-    from controller.router import Router, replica_clients
+    from controller.api.openai_api import build_openai_router
+    from controller.rollout.router import Router, replica_clients
 
     if not ray.is_initialized():
         ray.init(address="auto", namespace="editq", log_to_driver=False)

@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 from rich.live import Live
 from rich.table import Table
 
-from controller.cli_common import console, err_console, fail
+from controller.cli.common import console, err_console, fail
 from shared.schemas import EditRequest
 from shared.settings import Settings, redacted_url
 from shared.streams import EditStreams
@@ -150,8 +150,14 @@ def up(
     """Run the pipeline in the foreground: Redis (started if none answers), Ray, controller, workers, HTTP API."""
     import ray
 
-    from controller.runtime import RedisUnavailableError, ensure_redis, init_ray, start_controller, stop_controller
-    from controller.security.keys_cli import terminal_key
+    from controller.cli.keys import terminal_key
+    from controller.pipeline.runtime import (
+        RedisUnavailableError,
+        ensure_redis,
+        init_ray,
+        start_controller,
+        stop_controller,
+    )
 
     settings = Settings()
     try:
@@ -167,7 +173,7 @@ def up(
     console.print(f"controller running (redis {redacted_url(redis.url)}, namespace {settings.namespace}, "
                   f"{settings.n_edit_workers} edit worker(s), store {settings.resolved_store_dir()})")
     if api:
-        from controller.prometheus_setup import prepare_local
+        from controller.cli.prometheus_setup import prepare_local
 
         try:  # a convenience: never a reason not to start
             config = asyncio.run(prepare_local(settings))
@@ -186,7 +192,7 @@ def up(
         if api:
             import uvicorn
 
-            from controller.api import create_app
+            from controller.api.app import create_app
 
             console.print(f"HTTP API on http://{settings.api_host}:{settings.api_port} (docs at /docs)")
             uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_level="warning")
@@ -209,7 +215,7 @@ def api() -> None:
     """Serve only the HTTP API (edits in, status and metrics out) against EDITQ_REDIS_URL."""
     import uvicorn
 
-    from controller.api import create_app
+    from controller.api.app import create_app
 
     settings = Settings()
     uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_level="info")
@@ -220,7 +226,7 @@ def compact() -> None:
     version (health-budgeted and rolled out like any other; `editq watch` and the version's manifest show it)."""
     import getpass
 
-    from controller.compaction import request_compaction
+    from controller.pipeline.compaction import request_compaction
 
     settings = Settings()
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from controller.publish import Publisher, count_routes
+from controller.pipeline.publish import Publisher, count_routes
 from shared.metrics import Metrics
 from shared.outcomes import EditOutcome, EditState, ReasonCode
 from shared.settings import Settings
@@ -39,7 +39,7 @@ def is_infrastructure(err: BaseException) -> bool:
     from redis.exceptions import ResponseError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
-    from controller.pool import WorkerDivergedError
+    from controller.pipeline.pool import WorkerDivergedError
 
     cause = getattr(err, "cause", None) or err
     if any(isinstance(e, TimeoutError | GetTimeoutError) for e in (err, cause)):

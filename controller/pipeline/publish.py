@@ -27,9 +27,9 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 
-from controller.pool import EditWorkerPool
-from controller.rollout import RolloutManager, probes_from_requests
-from controller.undo import clear_reverts
+from controller.pipeline.pool import EditWorkerPool
+from controller.pipeline.undo import clear_reverts
+from controller.rollout.rolling import RolloutManager, probes_from_requests
 from shared.metrics import Metrics
 from shared.outcomes import EditOutcome, EditState, ReasonCode, Route
 from shared.schemas import EditRequest

@@ -1,0 +1,1 @@
+"""The HTTP doors: the edit API, the OpenAI-compatible query API, the Ray Serve application."""

@@ -1,0 +1,1 @@
+"""The ``editq`` command line and ``make demo``."""
