@@ -60,16 +60,30 @@ class LoopOptions:
 
 
 def parse_config(name: str) -> tuple[str, bool]:
-    """``today`` / ``budget`` / ``hybrid_budget`` / ``algo[+budget]`` -> (algo, health budget on)."""
+    """``today`` / ``budget`` / ``hybrid_budget`` / ``algo[+cap@drift][+budget]`` -> (algo, health budget on)."""
     named = {"today": ("alphaedit", False), "budget": ("alphaedit", True), "hybrid_budget": ("alphaedit_hybrid", True)}
     if name in named:
         return named[name]
     algo, *rest = name.split("+")
     from workers.editing.hparams import V_STAR_ALGOS
 
-    if algo not in V_STAR_ALGOS or rest not in ([], ["budget"]):
+    flags = [part.split("@", 1)[0] for part in rest]
+    if algo not in V_STAR_ALGOS or any(f not in ("budget", "cap") for f in flags) or len(set(flags)) < len(flags):
         raise ValueError(f"unknown configuration {name!r}")
-    return algo, bool(rest)
+    return algo, "budget" in flags
+
+
+def config_hparams(name: str) -> dict[str, Any]:
+    """Editor overrides a configuration name carries: ``+cap@0.3`` -> the norm cap at relative drift 0.3."""
+    overrides: dict[str, Any] = {}
+    for part in name.split("+")[1:]:
+        flag, _, value = part.partition("@")
+        if flag == "cap":
+            try:
+                overrides["norm_cap"] = float(value)
+            except ValueError:
+                raise ValueError(f"{name!r}: the norm cap needs its value, e.g. +cap@0.3") from None
+    return overrides
 
 
 def general_evaluator(

@@ -13,6 +13,9 @@ specificity of the first ``--probe`` edits ("early": do old edits survive?) and 
     python benchmarks/sequential_collapse.py run --config memit --data train.json --n-edits 200 --out part.json
     python benchmarks/sequential_collapse.py plot --json benchmarks/results/sequential_collapse.json
 
+``+cap@drift`` turns on the norm cap (``||W - W0||_F / ||W0||_F <= drift`` per edited matrix); ``alphaedit_hybrid`` is
+AlphaEdit's projector with MEMIT's C-weighted penalty inside the null space (docs/editing.md).
+
 ``+revive_random[@energy]`` is REVIVE's control at equal rank: the filter removes the same number of directions as
 ``+revive@energy`` (the rank the energy share gives on W0's spectrum), but random orthonormal ones instead of W0's
 dominant singular vectors. If it protects as well, the dominant subspace is not what matters, only how much of the
@@ -49,21 +52,26 @@ from workers.guards.policy import edit_success
 from workers.guards.revive import spectrum_cached
 from workers.model_io import load_model, model_fingerprint
 
-ALGOS = ("memit", "alphaedit", "alphaedit_plus")
+ALGOS = ("memit", "alphaedit", "alphaedit_plus", "alphaedit_hybrid")
 
 
 def config_overrides(name: str) -> tuple[str, dict[str, Any]]:
-    """``algo[+revive[@energy]|+revive_random[@energy]][+prune]`` -> (algo, hparam overrides)."""
+    """``algo[+revive[@energy]|+revive_random[@energy]][+cap@drift][+prune]`` -> (algo, hparam overrides)."""
     algo, *guards = name.split("+")
-    energy = [g.split("@", 1)[1] for g in guards if g.startswith(("revive@", "revive_random@"))]
+    values = {g.split("@", 1)[0]: g.split("@", 1)[1] for g in guards if "@" in g}
     guards = [g.split("@", 1)[0] for g in guards]
-    if algo not in ALGOS or any(g not in ("revive", "revive_random", "prune") for g in guards):
+    if algo not in ALGOS or any(g not in ("revive", "revive_random", "prune", "cap") for g in guards):
         raise ValueError(f"unknown configuration {name!r}")
+    if "cap" in guards and "cap" not in values:
+        raise ValueError(f"{name!r}: the norm cap needs its value, e.g. +cap@0.3")
     filtered = "revive" in guards or "revive_random" in guards
     overrides: dict[str, Any] = {"guard_min_efficacy": 0.0, "guard": "revive" if filtered else "none",
                                  "prune": "prune" in guards}
-    if energy:
-        overrides["revive_energy"] = float(energy[0])
+    energy = values.get("revive", values.get("revive_random"))
+    if energy is not None:
+        overrides["revive_energy"] = float(energy)
+    if "cap" in values:
+        overrides["norm_cap"] = float(values["cap"])
     return algo, overrides
 
 

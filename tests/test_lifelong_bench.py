@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from benchmarks.lifelong_loop import LoopOptions, general_evaluator, parse_config, run_loop
+from benchmarks.lifelong_loop import LoopOptions, config_hparams, general_evaluator, parse_config, run_loop
 from shared.schemas import EditRequest, Probe
 from shared.settings import Settings
 from tests.test_guards import _hp, stats  # noqa: F401 (fixture)
@@ -67,8 +67,14 @@ def test_config_names() -> None:
     assert parse_config("budget") == ("alphaedit", True)
     assert parse_config("hybrid_budget") == ("alphaedit_hybrid", True)
     assert parse_config("memit+budget") == ("memit", True) and parse_config("memit") == ("memit", False)
-    with pytest.raises(ValueError):
-        parse_config("memit+revive")
+    assert parse_config("alphaedit+cap@0.3") == ("alphaedit", False)
+    assert parse_config("alphaedit_hybrid+cap@0.2+budget") == ("alphaedit_hybrid", True)
+    assert config_hparams("alphaedit+cap@0.3+budget") == {"norm_cap": 0.3} and config_hparams("today") == {}
+    for bad in ("memit+revive", "memit+budget+budget"):
+        with pytest.raises(ValueError):
+            parse_config(bad)
+    with pytest.raises(ValueError, match="norm cap needs its value"):
+        config_hparams("alphaedit+cap")
 
 
 @pytest.mark.parametrize("budget", [False, True])
