@@ -79,7 +79,7 @@ def load_general(model: PreTrainedModel, tok: PreTrainedTokenizerBase, settings:
     if not RETENTION_FACTS.is_file():
         print(f"{RETENTION_FACTS} is missing: retention will be nan", file=sys.stderr)
     facts = load_retention_facts(model_name) if RETENTION_FACTS.is_file() else []
-    return general_evaluator(tok, probe, reference, facts)
+    return general_evaluator(tok, probe, reference, facts, gate_facts=settings.health_facts)
 
 
 def _gate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, settings: Settings, fingerprint: str,

@@ -24,7 +24,14 @@ from benchmarks.sequential_collapse import _write
 from shared.schemas import EditRequest
 from workers.editing.editor import Editor
 from workers.evaluation.budget_backoff import BudgetBackoff
-from workers.evaluation.general import FULL, BaseReference, GeneralProbe, RetentionFact, general_health
+from workers.evaluation.general import (
+    FULL,
+    BaseReference,
+    GeneralProbe,
+    RetentionFact,
+    fact_retention,
+    general_health,
+)
 from workers.evaluation.metrics import counterfact_metrics
 from workers.guards import GuardRejection
 
@@ -87,12 +94,18 @@ def config_hparams(name: str) -> dict[str, Any]:
 
 
 def general_evaluator(
-    tokenizer: PreTrainedTokenizerBase, probe: GeneralProbe, reference: BaseReference, facts: Sequence[RetentionFact]
+    tokenizer: PreTrainedTokenizerBase, probe: GeneralProbe, reference: BaseReference, facts: Sequence[RetentionFact],
+    gate_facts: int | None = None,
 ) -> General:
-    """Full general health (every probe position given, all facts, all fluency prompts) as a plain dict."""
+    """Full general health (every probe position given, all facts, all fluency prompts) as a plain dict. With
+    ``gate_facts`` (the health gate scores the first ``gate_facts`` facts) it also reports ``retention_heldout``:
+    retention on the facts the gate never sees, which the gate's repeated tries cannot have been selected on."""
 
     def run(model: PreTrainedModel, subjects: list[str]) -> dict[str, float]:
-        return asdict(general_health(model, tokenizer, probe, reference, facts, subjects, FULL))
+        out = asdict(general_health(model, tokenizer, probe, reference, facts, subjects, FULL))
+        if gate_facts is not None and len(facts) > gate_facts:
+            out["retention_heldout"] = fact_retention(model, tokenizer, facts[gate_facts:], subjects)
+        return out
 
     return run
 
@@ -196,7 +209,8 @@ class _Run:
             _write(self.opts.out, self.result)
         g = point["general"]
         _log(self.opts.name, f"checkpoint {n} edits: KL {g['kl']:.4f} ppl x{point['ppl_ratio']:.3f} retention "
-             f"{g['retention']:.3f} served efficacy {served_m['efficacy']:.3f} tier share {point['tier_share']:.2f} "
+             f"{g['retention']:.3f} (held out {g.get('retention_heldout', math.nan):.3f}) served efficacy "
+             f"{served_m['efficacy']:.3f} tier share {point['tier_share']:.2f} "
              f"(eval {point['eval_seconds']:.0f} s)")
         return point
 

@@ -118,3 +118,26 @@ def test_loop_checkpoints_and_an_impossible_budget_routes_everything_to_the_tier
         # the pre-edit metrics swap the base matrices in, then write the edited ones back exactly
         for layer, weight in editor.state.weights.items():
             assert torch.equal(editor.layout.get_weight(tiny_llama, layer).float().cpu(), weight)
+
+
+def test_held_out_retention_scores_only_the_facts_the_gate_never_sees(tiny_llama, tiny_tokenizer) -> None:
+    """The gate scores the first N facts; the benchmark's held-out retention must use the rest alone."""
+    from workers.evaluation.general import RetentionFact, fact_retention
+
+    known, unknown = [], []
+    for i in range(40):  # facts the tiny model completes (its own greedy token) and facts it does not
+        prompt = f"item {i} goes with"
+        ids = tiny_tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            top = tiny_llama(ids).logits[0, -1].argsort(descending=True)
+        for rank, bucket in ((0, known), (-1, unknown)):
+            fact = RetentionFact(prompt=prompt, answer=tiny_tokenizer.decode([int(top[rank])]), subject=f"s{i}")
+            if fact_retention(tiny_llama, tiny_tokenizer, [fact]) == (1.0 if rank == 0 else 0.0):
+                bucket.append(fact)
+    assert len(known) >= 2 and len(unknown) >= 4
+    facts = unknown[:4] + known[:2]  # the gate's 4 are all lost, the 2 held out are all kept
+    probe = GeneralProbe.from_texts(tiny_tokenizer, TEXTS)
+    reference = compute_base_reference(tiny_llama, tiny_tokenizer, probe)
+    out = general_evaluator(tiny_tokenizer, probe, reference, facts, gate_facts=4)(tiny_llama, [])
+    assert out["retention_heldout"] == 1.0 and out["retention"] < 1.0
+    assert "retention_heldout" not in general_evaluator(tiny_tokenizer, probe, reference, facts)(tiny_llama, [])
