@@ -94,13 +94,14 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     model, tok, fingerprint, settings = _setup(args)
     model_name = Path(args.model or settings.resolved_model_path()).name
     algo, budget = parse_config(args.config)
-    hp = default_hparams(model.config, algo).with_overrides(**settings.guard_overrides(), **config_hparams(args.config),
+    overrides = config_hparams(args.config)
+    hp = default_hparams(model.config, algo).with_overrides(**settings.guard_overrides(), **overrides,
                                                            **_parse_sets(args.set))
     requests = load_edits(args.data, limit=args.offset + args.n_edits).requests[args.offset :]
     general = load_general(model, tok, settings, fingerprint, model_name, args.general_tokens)
     gate = _gate(model, tok, settings, fingerprint, model_name) if budget else None
     # Every batch the weights refuse (budget, or a guard such as the norm cap) is served by the tier, as in the product.
-    tier = load_tier(settings, fingerprint) if budget or "norm_cap" in config_hparams(args.config) else None
+    tier = load_tier(settings, fingerprint) if budget or "norm_cap" in overrides else None
     editor = Editor(model, tok, hp, _stats(settings, fingerprint, hp), fingerprint)
     editor.prepare()
     extra = {

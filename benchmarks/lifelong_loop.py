@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from benchmarks.sequential_collapse import _write
+from benchmarks.sequential_collapse import _write, norm_cap_of, split_config
 from shared.schemas import EditRequest
 from workers.editing.editor import Editor
 from workers.evaluation.budget_backoff import BudgetBackoff
@@ -71,26 +71,17 @@ def parse_config(name: str) -> tuple[str, bool]:
     named = {"today": ("alphaedit", False), "budget": ("alphaedit", True), "hybrid_budget": ("alphaedit_hybrid", True)}
     if name in named:
         return named[name]
-    algo, *rest = name.split("+")
     from workers.editing.hparams import V_STAR_ALGOS
 
-    flags = [part.split("@", 1)[0] for part in rest]
-    if algo not in V_STAR_ALGOS or any(f not in ("budget", "cap") for f in flags) or len(set(flags)) < len(flags):
+    algo, flags = split_config(name)
+    if algo not in V_STAR_ALGOS or any(f not in ("budget", "cap") for f in flags):
         raise ValueError(f"unknown configuration {name!r}")
     return algo, "budget" in flags
 
 
 def config_hparams(name: str) -> dict[str, Any]:
     """Editor overrides a configuration name carries: ``+cap@0.3`` -> the norm cap at relative drift 0.3."""
-    overrides: dict[str, Any] = {}
-    for part in name.split("+")[1:]:
-        flag, _, value = part.partition("@")
-        if flag == "cap":
-            try:
-                overrides["norm_cap"] = float(value)
-            except ValueError:
-                raise ValueError(f"{name!r}: the norm cap needs its value, e.g. +cap@0.3") from None
-    return overrides
+    return norm_cap_of(name, split_config(name)[1])
 
 
 def general_evaluator(

@@ -55,23 +55,38 @@ from workers.model_io import load_model, model_fingerprint
 ALGOS = ("memit", "alphaedit", "alphaedit_plus", "alphaedit_hybrid")
 
 
+def split_config(name: str) -> tuple[str, dict[str, str | None]]:
+    """``algo+flag[@value]+...`` -> (algo, {flag: value or None}); the grammar every benchmark's config names share."""
+    algo, *parts = name.split("+")
+    flags: dict[str, str | None] = {}
+    for part in parts:
+        flag, sep, value = part.partition("@")
+        if flag in flags:
+            raise ValueError(f"{name!r}: {flag} given twice")
+        flags[flag] = value if sep else None
+    return algo, flags
+
+
+def norm_cap_of(name: str, flags: dict[str, str | None]) -> dict[str, float]:
+    """``+cap@drift`` -> the editor's ``norm_cap`` override (none without the flag)."""
+    if "cap" not in flags:
+        return {}
+    if not flags["cap"]:
+        raise ValueError(f"{name!r}: the norm cap needs its value, e.g. +cap@0.3")
+    return {"norm_cap": float(flags["cap"])}
+
+
 def config_overrides(name: str) -> tuple[str, dict[str, Any]]:
     """``algo[+revive[@energy]|+revive_random[@energy]][+cap@drift][+prune]`` -> (algo, hparam overrides)."""
-    algo, *guards = name.split("+")
-    values = {g.split("@", 1)[0]: g.split("@", 1)[1] for g in guards if "@" in g}
-    guards = [g.split("@", 1)[0] for g in guards]
-    if algo not in ALGOS or any(g not in ("revive", "revive_random", "prune", "cap") for g in guards):
+    algo, flags = split_config(name)
+    if algo not in ALGOS or any(f not in ("revive", "revive_random", "prune", "cap") for f in flags):
         raise ValueError(f"unknown configuration {name!r}")
-    if "cap" in guards and "cap" not in values:
-        raise ValueError(f"{name!r}: the norm cap needs its value, e.g. +cap@0.3")
-    filtered = "revive" in guards or "revive_random" in guards
+    filtered = "revive" in flags or "revive_random" in flags
     overrides: dict[str, Any] = {"guard_min_efficacy": 0.0, "guard": "revive" if filtered else "none",
-                                 "prune": "prune" in guards}
-    energy = values.get("revive", values.get("revive_random"))
-    if energy is not None:
+                                 "prune": "prune" in flags, **norm_cap_of(name, flags)}
+    energy = flags.get("revive") or flags.get("revive_random")
+    if energy:
         overrides["revive_energy"] = float(energy)
-    if "cap" in values:
-        overrides["norm_cap"] = float(values["cap"])
     return algo, overrides
 
 

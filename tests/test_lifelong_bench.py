@@ -77,6 +77,18 @@ def test_config_names() -> None:
         config_hparams("alphaedit+cap")
 
 
+def test_collapse_benchmark_config_names_share_the_grammar() -> None:
+    from benchmarks.sequential_collapse import config_overrides
+
+    algo, overrides = config_overrides("alphaedit+revive@0.8+cap@0.3")
+    assert algo == "alphaedit" and overrides["guard"] == "revive"
+    assert overrides["revive_energy"] == 0.8 and overrides["norm_cap"] == 0.3 and overrides["prune"] is False
+    assert config_overrides("alphaedit_hybrid")[1]["guard"] == "none"
+    for bad in ("alphaedit+cap", "alphaedit+prune+prune", "ultraedit"):
+        with pytest.raises(ValueError):
+            config_overrides(bad)
+
+
 @pytest.mark.parametrize("budget", [False, True])
 def test_loop_checkpoints_and_an_impossible_budget_routes_everything_to_the_tier(
     budget, tiny_llama, tiny_tokenizer, stats, tiny_general, tmp_path  # noqa: F811
