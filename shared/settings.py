@@ -179,7 +179,7 @@ class Settings(BaseSettings):
     )
     serving_control_facts_path: Path | None = Field(
         default=None, description="JSON {'facts': [{'prompt', 'answer'}]} of facts the model must keep; default: "
-        "workers/evaluation/control_facts.json, else a built-in list."
+        "workers/evaluation/control_facts.json (a missing file is an error)."
     )
     serving_control_facts_n: int = Field(default=8, ge=0, description="Control facts checked per canary gate.")
     serving_canary_soak_s: float = Field(

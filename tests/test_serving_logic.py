@@ -4,12 +4,13 @@ vLLM): the decision logic in seconds. The real engines are exercised in test_ser
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 
 import pytest
 
-from controller.rollout.rolling import RolloutManager
+from controller.rollout.rolling import DEFAULT_CONTROL_FACTS_FILE, RolloutManager, load_control_facts
 from controller.rollout.router import NoReplicaError, Router
 from workers.serving.config import ServingSettings
 from workers.serving.schemas import (
@@ -359,3 +360,12 @@ def test_a_rolling_restart_never_takes_the_last_ready_replica_out() -> None:
     with pytest.raises(UpgradeRefused, match="no ready replica"):
         asyncio.run(rolling_restart(replicas, live))
     assert ("restart", "a") not in replicas[0].log and replicas[0].state == ReplicaState.ready
+
+
+def test_the_canary_reads_the_packaged_control_facts_and_refuses_a_missing_file(tmp_path) -> None:
+    facts = load_control_facts(ServingSettings(serving_control_facts_n=50))
+    packaged = json.loads(DEFAULT_CONTROL_FACTS_FILE.read_text())["facts"]
+    assert [f.prompt for f in facts] == [f["prompt"] for f in packaged[:50]] and len(facts) > 8
+    assert len(load_control_facts(ServingSettings())) == ServingSettings().serving_control_facts_n
+    with pytest.raises(FileNotFoundError, match="serving_control_facts_path"):
+        load_control_facts(ServingSettings(serving_control_facts_path=tmp_path / "gone.json"))

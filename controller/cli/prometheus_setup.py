@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-ALERTS = Path(__file__).resolve().parents[1] / "deploy" / "prometheus" / "alerts.yml"
+ALERTS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "alerts.yml"
 
 
 def ray_metrics_port() -> int | None:

@@ -50,13 +50,8 @@ from workers.serving.schemas import (
 
 log = logging.getLogger("editq.rollout")
 MAX_NEIGHBOUR_FACTS, NEIGHBOURS_PER_EDIT = 16, 4  # clients' neighbourhood prompts judged per canary gate / edit
-DEFAULT_CONTROL_FACTS_FILE = Path(__file__).resolve().parents[1] / "workers" / "evaluation" / "control_facts.json"
-BUILTIN_CONTROL_FACTS = [  # SmolLM2-135M-Instruct answers these greedily (../shared/NOTES.md)
-    ControlFact(prompt="The capital of France is", answer="Paris"),
-    ControlFact(prompt="The Eiffel Tower is located in the city of", answer="Paris"),
-    ControlFact(prompt="The mother tongue of Danielle Darrieux is", answer="French"),
-    ControlFact(prompt="The official language of Japan is", answer="Japanese"),
-]
+DEFAULT_CONTROL_FACTS_FILE = Path(__file__).resolve().parents[2] / "workers" / "evaluation" / "control_facts.json"
+
 
 
 class GateResult(BaseModel):
@@ -107,11 +102,12 @@ def probes_from_requests(
 
 
 def load_control_facts(settings: ServingSettings) -> list[ControlFact]:
+    """The canary's control facts: the configured file, else the package's ``control_facts.json``. A configured
+    file that is missing is an error, not a quiet fallback: the gate would judge the canary on other facts."""
     path = settings.serving_control_facts_path or DEFAULT_CONTROL_FACTS_FILE
-    if path.exists():
-        facts = [ControlFact(prompt=f["prompt"], answer=f["answer"]) for f in json.loads(path.read_text())["facts"]]
-    else:
-        facts = list(BUILTIN_CONTROL_FACTS)
+    if not path.is_file():
+        raise FileNotFoundError(f"serving_control_facts_path: no file at {path}")
+    facts = [ControlFact(prompt=f["prompt"], answer=f["answer"]) for f in json.loads(path.read_text())["facts"]]
     return facts[: settings.serving_control_facts_n]
 
 
