@@ -23,7 +23,8 @@ edit. Exact commands (repository root):
 
 ``many`` prepares the key statistics, the KL references and the gate's base reading once, then runs one process
 per configuration (``--threads`` torch threads each, default 1) and merges their JSON; progress lines go to stderr.
-``--deadline`` (minutes from the start) stops editing in time for the final checkpoint.
+``--parallel`` caps how many run at once (the rest wait their turn). ``--deadline`` (minutes from the start) stops
+editing in time for the final checkpoint.
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def run_many(args: argparse.Namespace) -> None:
     del model
     parts = args.out.parent / f"{args.out.stem}_parts"
     parts.mkdir(parents=True, exist_ok=True)
-    procs = []
+    procs: list[tuple[str, subprocess.Popen]] = []
     for name in configs:
         cmd = [sys.executable, __file__, "run", "--config", name, "--out", str(parts / f"{name}.json")]
         for key in FORWARD:
@@ -145,6 +146,8 @@ def run_many(args: argparse.Namespace) -> None:
             cmd += [] if value is None else [f"--{key.replace('_', '-')}", str(value)]
         cmd += [x for s in args.set for x in ("--set", s)]
         cmd += ["--tf32"] if args.tf32 else []
+        while args.parallel and sum(p.poll() is None for _, p in procs) >= args.parallel:
+            time.sleep(5)  # each process holds its own model and KL logits: a few GB
         procs.append((name, subprocess.Popen(cmd)))  # progress lines go straight to this stderr
     merged: dict[str, Any] = {
         "command": [sys.executable, *sys.argv], "args": {k: str(v) for k, v in vars(args).items()},
@@ -219,6 +222,7 @@ def main() -> None:
     parser.add_argument("--general-tokens", type=int, default=None, help="cap on the KL positions (default all)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per configuration process")
     parser.add_argument("--tf32", action="store_true")
+    parser.add_argument("--parallel", type=int, default=0, help="many: most configurations at once (0: all)")
     parser.add_argument("--deadline", type=float, default=0.0, help="many: minutes from now by which all is done")
     parser.add_argument("--deadline-at", type=float, default=0.0, help="run: unix time by which all is done")
     parser.add_argument("--final-reserve", type=float, default=60.0, help="least seconds kept for the last check")

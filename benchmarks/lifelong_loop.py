@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from benchmarks.sequential_collapse import _write, norm_cap_of, split_config
+from benchmarks.sequential_collapse import VALUE_FLAGS, _write, split_config, value_overrides_of
 from shared.schemas import EditRequest
 from workers.editing.editor import Editor
 from workers.evaluation.budget_backoff import BudgetBackoff
@@ -67,21 +67,23 @@ class LoopOptions:
 
 
 def parse_config(name: str) -> tuple[str, bool]:
-    """``today`` / ``budget`` / ``hybrid_budget`` / ``algo[+cap@drift][+budget]`` -> (algo, health budget on)."""
+    """``today`` / ``budget`` / ``hybrid_budget`` / ``algo[+cap@drift][+l2@w][+energy@e][+budget]`` -> (algo,
+    health budget on)."""
     named = {"today": ("alphaedit", False), "budget": ("alphaedit", True), "hybrid_budget": ("alphaedit_hybrid", True)}
     if name in named:
         return named[name]
     from workers.editing.hparams import V_STAR_ALGOS
 
     algo, flags = split_config(name)
-    if algo not in V_STAR_ALGOS or any(f not in ("budget", "cap") for f in flags):
+    if algo not in V_STAR_ALGOS or any(f not in ("budget", *VALUE_FLAGS) for f in flags):
         raise ValueError(f"unknown configuration {name!r}")
     return algo, "budget" in flags
 
 
 def config_hparams(name: str) -> dict[str, Any]:
-    """Editor overrides a configuration name carries: ``+cap@0.3`` -> the norm cap at relative drift 0.3."""
-    return norm_cap_of(name, split_config(name)[1])
+    """Editor overrides a configuration name carries: ``+cap@0.3`` -> the norm cap at relative drift 0.3,
+    ``+l2@100`` -> AlphaEdit's null-space ridge, ``+energy@0.9`` -> the key energy share the projector protects."""
+    return value_overrides_of(name, split_config(name)[1])
 
 
 def general_evaluator(

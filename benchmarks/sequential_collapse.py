@@ -67,23 +67,35 @@ def split_config(name: str) -> tuple[str, dict[str, str | None]]:
     return algo, flags
 
 
-def norm_cap_of(name: str, flags: dict[str, str | None]) -> dict[str, float]:
-    """``+cap@drift`` -> the editor's ``norm_cap`` override (none without the flag)."""
-    if "cap" not in flags:
-        return {}
-    if not flags["cap"]:
-        raise ValueError(f"{name!r}: the norm cap needs its value, e.g. +cap@0.3")
-    return {"norm_cap": float(flags["cap"])}
+VALUE_FLAGS = {"cap": "norm_cap", "l2": "l2", "energy": "nullspace_energy"}  # +flag@value -> editor hparam
+
+
+def value_overrides_of(name: str, flags: dict[str, str | None]) -> dict[str, float]:
+    """``+cap@drift`` / ``+l2@weight`` / ``+energy@share`` -> the editor's ``norm_cap`` / ``l2`` /
+    ``nullspace_energy`` overrides (only the flags given)."""
+    overrides = {}
+    for flag, hparam in VALUE_FLAGS.items():
+        if flag not in flags:
+            continue
+        value = flags[flag]
+        if not value:
+            raise ValueError(f"{name!r}: +{flag} needs its value, e.g. +{flag}@0.3")
+        try:
+            overrides[hparam] = float(value)
+        except ValueError:
+            raise ValueError(f"{name!r}: +{flag}@{value} is not a number") from None
+    return overrides
 
 
 def config_overrides(name: str) -> tuple[str, dict[str, Any]]:
-    """``algo[+revive[@energy]|+revive_random[@energy]][+cap@drift][+prune]`` -> (algo, hparam overrides)."""
+    """``algo[+revive[@energy]|+revive_random[@energy]][+cap@drift][+l2@w][+energy@e][+prune]`` -> (algo, hparam
+    overrides)."""
     algo, flags = split_config(name)
-    if algo not in ALGOS or any(f not in ("revive", "revive_random", "prune", "cap") for f in flags):
+    if algo not in ALGOS or any(f not in ("revive", "revive_random", "prune", *VALUE_FLAGS) for f in flags):
         raise ValueError(f"unknown configuration {name!r}")
     filtered = "revive" in flags or "revive_random" in flags
     overrides: dict[str, Any] = {"guard_min_efficacy": 0.0, "guard": "revive" if filtered else "none",
-                                 "prune": "prune" in flags, **norm_cap_of(name, flags)}
+                                 "prune": "prune" in flags, **value_overrides_of(name, flags)}
     energy = flags.get("revive") or flags.get("revive_random")
     if energy:
         overrides["revive_energy"] = float(energy)

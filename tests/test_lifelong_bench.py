@@ -73,8 +73,12 @@ def test_config_names() -> None:
     for bad in ("memit+revive", "memit+budget+budget"):
         with pytest.raises(ValueError):
             parse_config(bad)
-    with pytest.raises(ValueError, match="norm cap needs its value"):
+    assert config_hparams("alphaedit+l2@100+energy@0.9") == {"l2": 100.0, "nullspace_energy": 0.9}
+    assert parse_config("alphaedit_hybrid+energy@0.8+budget") == ("alphaedit_hybrid", True)
+    with pytest.raises(ValueError, match=r"\+cap needs its value"):
         config_hparams("alphaedit+cap")
+    with pytest.raises(ValueError, match="not a number"):
+        config_hparams("alphaedit+l2@ten")
 
 
 def test_collapse_benchmark_config_names_share_the_grammar() -> None:
@@ -83,6 +87,8 @@ def test_collapse_benchmark_config_names_share_the_grammar() -> None:
     algo, overrides = config_overrides("alphaedit+revive@0.8+cap@0.3")
     assert algo == "alphaedit" and overrides["guard"] == "revive"
     assert overrides["revive_energy"] == 0.8 and overrides["norm_cap"] == 0.3 and overrides["prune"] is False
+    swept = config_overrides("alphaedit+l2@1+energy@0.9")[1]
+    assert swept["l2"] == 1.0 and swept["nullspace_energy"] == 0.9
     assert config_overrides("alphaedit_hybrid")[1]["guard"] == "none"
     for bad in ("alphaedit+cap", "alphaedit+prune+prune", "ultraedit"):
         with pytest.raises(ValueError):
