@@ -9,95 +9,45 @@ version 0 (the chat endpoint answers "Paris") and at the edited version. The rea
 from __future__ import annotations
 
 import asyncio
-import os
-import random
 import time
 import uuid
-from dataclasses import dataclass, field
 
-import httpx
 import psutil
 import pytest
 import ray
-from fastapi import FastAPI
 
-from controller.api.openai_api import build_openai_router
 from controller.rollout.rolling import RolloutManager, probes_from_requests
 from controller.rollout.router import (
-    RayReplicaClient,
     Router,
-    replica_clients,
     spawn_replicas,
     stop_replicas,
     wait_ready,
 )
 from shared.delta import tensor_sha256, to_checkpoint_orientation
-from shared.schemas import EditRequest
-from shared.streams import EditStreams
 from shared.weight_store import LocalWeightStore
-from workers.datasets import bundled_counterfact_path, load_edits
+from tests.serving_helpers import (
+    CHAT,
+    COLLAPSED,
+    CONTROLS,
+    EDITED,
+    Load,
+    Serving,
+    chat_once,
+    commit_versions,
+    engine_child_pids,
+    greedy,
+    open_streams,
+    openai_client,
+    replica_statuses,
+    sse_events,
+)
 from workers.evaluation.reference_answers import PROBES
 from workers.serving.config import ServingSettings
-from workers.serving.devtools import commit_edits, commit_scaled, greedy_contains, store_base_reference
+from workers.serving.devtools import greedy_contains
 from workers.serving.schemas import ChatMessage, GenerateRequest, ReplicaState, RequestAbortedError, ScoreRequest
 from workers.serving.weights import BaseReader, materialise
 
 pytestmark = pytest.mark.slow
-EDIT_RECORDS = (0, 2, 4)  # bundled CounterFact records whose new target SmolLM2 does not answer before the edit
-CONTROLS = {"The capital of France is": "Paris", "The capital of Germany is": "Berlin",
-            "The official language of Japan is": "Japanese"}
-EDITED, COLLAPSED = 1, 2
-
-
-@dataclass
-class Serving:
-    settings: ServingSettings
-    runner: asyncio.Runner
-    clients: list[RayReplicaClient]
-    router: Router
-    manager: RolloutManager
-    streams: EditStreams
-    requests: list[EditRequest]
-    before: dict[str, dict[str, str]] = field(default_factory=dict)  # replica -> prompt -> greedy text at v0
-    chat_v0: dict = field(default_factory=dict)  # /v1/chat/completions answer before any rollout
-    started: list = field(default_factory=list)  # each replica's status once ready at version 0
-
-    def run(self, coro):
-        return self.runner.run(coro)
-
-
-def _commit_versions(settings: ServingSettings) -> list[EditRequest]:
-    """Version 1: three real CounterFact edits (AlphaEdit, SmolLM2's tuned layers; context templates off to keep
-    the editor to ~1-2 min on 2 cores), with its reference answers, and version 0's, as edit workers store them.
-    Version 2: version 1 with every edited matrix negated (a collapse; stored without reference answers)."""
-    from workers.editing.editor import Editor
-    from workers.editing.hparams import default_hparams
-    from workers.editing.stats import SecondMomentCache, StatsCorpus
-    from workers.model_io import load_model, model_fingerprint
-
-    path = settings.resolved_model_path()
-    model, tokenizer = load_model(path, device="cpu")
-    fingerprint = model_fingerprint(path)
-    records = load_edits(bundled_counterfact_path(), limit=max(EDIT_RECORDS) + 1).requests
-    requests = [records[i] for i in EDIT_RECORDS]
-    hp = default_hparams(model.config, "alphaedit").with_overrides(n_context_templates=0)
-    stats = SecondMomentCache(settings.stats_dir, fingerprint, StatsCorpus(
-        n_texts=hp.stats_texts, text_tokens=hp.stats_text_tokens, seed=hp.seed))
-    store = LocalWeightStore(settings.resolved_store_dir())
-    store_base_reference(store, model, tokenizer)
-    manifest = commit_edits(store, Editor(model, tokenizer, hp, stats, fingerprint), requests, EDITED, 0,
-                            fingerprint)
-    names = [e.name for e in manifest.matrices]
-    commit_scaled(store, BaseReader(path), names, COLLAPSED, EDITED, -1.0, fingerprint)
-    return requests
-
-
-async def _greedy(client, prompts: list[str], max_tokens: int = 8) -> dict[str, str]:
-    results = await asyncio.gather(*(
-        client.generate(GenerateRequest(prompt=p, max_tokens=max_tokens, temperature=0.0)) for p in prompts
-    ))
-    return {p: r.text for p, r in zip(prompts, results, strict=True)}
-
 
 @pytest.fixture(scope="module")
 def serving(ray_session, redis_url, tmp_path_factory):
@@ -108,18 +58,18 @@ def serving(ray_session, redis_url, tmp_path_factory):
         serving_min_version_wait_s=30, serving_status_ttl_s=0.2, serving_pause_timeout_s=30,
     )
     runner = asyncio.Runner()
-    requests = _commit_versions(settings)  # first: the editor and two starting engines slow each other down a lot
+    requests = commit_versions(settings)  # first: the editor and two starting engines slow each other down a lot
     clients = spawn_replicas(settings, detached=False)
     try:
         statuses = runner.run(wait_ready(clients, 600))
         assert all(s.state == ReplicaState.ready and s.version == 0 for s in statuses), statuses
-        streams = runner.run(_streams(settings))
+        streams = runner.run(open_streams(settings))
         serving = Serving(settings, runner, clients, Router(clients, settings),
                           RolloutManager(clients, settings, streams=streams), streams, requests)
         prompts = [r.text for r in requests] + list(CONTROLS)
-        serving.before = {c.name: runner.run(_greedy(c, prompts)) for c in clients}
+        serving.before = {c.name: runner.run(greedy(c, prompts)) for c in clients}
         serving.started = statuses
-        serving.chat_v0 = runner.run(_chat(settings, streams))
+        serving.chat_v0 = runner.run(chat_once(settings, streams))
         yield serving
         runner.run(streams.delete_namespace())
         runner.run(streams.close())
@@ -127,60 +77,6 @@ def serving(ray_session, redis_url, tmp_path_factory):
         runner.run(stop_replicas(clients))
         runner.close()
 
-
-CHAT = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def _openai_client(settings: ServingSettings, streams: EditStreams) -> httpx.AsyncClient:
-    """The API process's path: replicas found by name, an APIRouter in a FastAPI app."""
-    app = FastAPI()
-    router = Router(replica_clients(settings), settings)
-    app.include_router(build_openai_router(lambda: router, settings.served_model_name(), lambda: streams))
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=60)
-
-
-async def _chat(settings: ServingSettings, streams: EditStreams) -> dict:
-    async with _openai_client(settings, streams) as http:
-        response = await http.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 16, "temperature": 0})
-        assert response.status_code == 200, response.text
-        return response.json()
-
-
-async def _statuses(serving: Serving) -> list:
-    return list(await asyncio.gather(*(c.status() for c in serving.clients)))
-
-
-async def _streams(settings: ServingSettings) -> EditStreams:
-    return EditStreams.from_url(settings.redis_url, settings.namespace)
-
-
-@dataclass
-class Load:
-    """Continuous greedy queries through the router (plain and streamed) while something else happens."""
-
-    router: Router
-    prompts: list[str]
-    records: list[dict] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    stop: bool = False
-
-    async def worker(self, seed: int, streamed: bool) -> None:
-        rng = random.Random(seed)
-        while not self.stop:
-            request = GenerateRequest(prompt=rng.choice(self.prompts), max_tokens=24, temperature=0.0)
-            t0 = time.monotonic()
-            try:
-                if streamed:
-                    chunks = [c async for c in self.router.stream(request)]
-                    versions = {c.version for c in chunks}
-                    self.records.append({"version": min(versions), "stamps": versions, "replica": chunks[0].replica,
-                                         "engine": None, "t0": t0, "t1": time.monotonic()})
-                else:
-                    r = await self.router.generate(request)
-                    self.records.append({"version": r.version, "stamps": {r.version}, "replica": r.replica,
-                                         "engine": r.engine_versions, "t0": t0, "t1": time.monotonic()})
-            except Exception as err:
-                self.errors.append(f"{type(err).__name__}: {err}")
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +110,7 @@ def test_edited_version_is_the_greedy_answer_of_both_replicas(serving: Serving, 
     assert serving.run(serving.streams.live()) == EDITED
     for client in serving.clients:
         before = serving.before[client.name]
-        after = serving.run(_greedy(client, [r.text for r in serving.requests] + list(CONTROLS)))
+        after = serving.run(greedy(client, [r.text for r in serving.requests] + list(CONTROLS)))
         for request in serving.requests:
             assert not greedy_contains(before[request.text], request.target_new), before[request.text]
             assert greedy_contains(after[request.text], request.target_new), (client.name, after[request.text])
@@ -230,7 +126,7 @@ def test_openai_endpoint_reads_its_writes(serving: Serving, rolled_out) -> None:
     request = serving.requests[0]
 
     async def go():
-        async with _openai_client(settings, serving.streams) as http:
+        async with openai_client(settings, serving.streams) as http:
             body = {"prompt": request.text, "max_tokens": 8, "temperature": 0}
             plain = await http.post("/v1/completions", json=body, headers={"X-Editq-Min-Version": str(EDITED)})
             streamed = await http.post("/v1/completions", json={**body, "stream": True, "min_version": EDITED})
@@ -250,7 +146,7 @@ def test_openai_endpoint_reads_its_writes(serving: Serving, rolled_out) -> None:
     assert "Paris" in base["choices"][0]["message"]["content"], base
     assert plain.status_code == 200 and plain.headers["X-Editq-Version"] == str(EDITED)
     assert greedy_contains(plain.json()["choices"][0]["text"], request.target_new)
-    text = "".join(e["choices"][0]["text"] for e in _events(streamed.text))
+    text = "".join(e["choices"][0]["text"] for e in sse_events(streamed.text))
     assert streamed.headers["X-Editq-Version"] == str(EDITED) and greedy_contains(text, request.target_new)
     # The chat endpoint renders the messages with the model's chat template on the replica: the same greedy answer
     # as the replica gives those messages directly (the edited model's words themselves are not the point here).
@@ -270,7 +166,7 @@ def test_openai_sdk_logprobs_from_the_real_engine(serving: Serving, rolled_out) 
     prompt = "The capital of France is"
 
     async def go():
-        async with _openai_client(serving.settings, serving.streams) as http:
+        async with openai_client(serving.settings, serving.streams) as http:
             client = openai.AsyncOpenAI(base_url="http://t/v1", api_key="unused", http_client=http, max_retries=0)
             done = await client.completions.create(model=serving.settings.served_model_name(), prompt=prompt,
                                                    max_tokens=4, temperature=0, logprobs=3)
@@ -328,7 +224,7 @@ def test_served_answers_are_transformers_answers_at_the_edited_version(serving: 
     chat = tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
     prompts = [r.text for r in serving.requests]
     for client in serving.clients:
-        served = serving.run(_greedy(client, prompts, max_tokens=16))
+        served = serving.run(greedy(client, prompts, max_tokens=16))
         served[chat] = serving.run(client.generate(GenerateRequest(
             messages=[ChatMessage(**m) for m in CHAT], max_tokens=16, temperature=0.0))).text
         for prompt in [*prompts, chat]:
@@ -336,12 +232,6 @@ def test_served_answers_are_transformers_answers_at_the_edited_version(serving: 
             out = model.generate(**ids, max_new_tokens=16, do_sample=False)
             expected = tokenizer.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
             assert served[prompt] == expected, (client.name, prompt, served[prompt], expected)
-
-
-def _events(body: str) -> list[dict]:
-    import json
-
-    return [json.loads(line[6:]) for line in body.splitlines() if line.startswith("data: {")]
 
 
 def test_rollout_under_load_fails_no_request_and_mixes_no_versions(serving: Serving, rolled_out) -> None:
@@ -355,24 +245,24 @@ def test_rollout_under_load_fails_no_request_and_mixes_no_versions(serving: Serv
     served = {(r["replica"], r["version"]) for r in load.records}
     assert served == {(c.name, v) for c in serving.clients for v in (0, EDITED)}  # each replica swapped under load
     assert all(o.swap.drain == "wait" for o in result.replicas)
-    statuses = serving.run(_statuses(serving))
+    statuses = serving.run(replica_statuses(serving))
     assert all(s.mixed_versions == 0 and s.failed == 0 for s in statuses)
 
 
 def test_collapsed_version_fails_its_canary_and_is_rolled_back(serving: Serving, rolled_out) -> None:
-    swaps_before = {s.name: s.swaps for s in serving.run(_statuses(serving))}
+    swaps_before = {s.name: s.swaps for s in serving.run(replica_statuses(serving))}
     result = serving.run(serving.manager.deploy(COLLAPSED, probes_from_requests(serving.requests)))
     assert result.status == "rolled_back"
     assert result.reason.startswith(f"probes gate failed on {result.canary}")
     assert next(g for g in result.gates if g.gate == "controls").ok is False
-    statuses = serving.run(_statuses(serving))
+    statuses = serving.run(replica_statuses(serving))
     assert all(s.state == ReplicaState.ready and s.version == EDITED for s in statuses)
     others = [s for s in statuses if s.name != result.canary]
     assert all(s.swaps == swaps_before[s.name] for s in others)  # never touched
     assert serving.run(serving.streams.live()) == EDITED
     assert serving.run(serving.streams.version_info(COLLAPSED))["status"] == "rolled_back"
     for client in serving.clients:
-        after = serving.run(_greedy(client, [r.text for r in serving.requests]))
+        after = serving.run(greedy(client, [r.text for r in serving.requests]))
         assert all(greedy_contains(after[r.text], r.target_new) for r in serving.requests), after
 
 
@@ -423,7 +313,7 @@ def test_a_stream_its_client_drops_stops_generating_on_the_replica(serving: Serv
 def test_replica_killed_mid_swap_rejoins_at_the_live_version(serving: Serving, rolled_out) -> None:
     victim = serving.clients[1]
     before = serving.run(victim.status())
-    engine_pids = _engine_pids(victim)
+    engine_pids = engine_child_pids(victim)
     assert engine_pids, "the replica's vLLM engine processes were not found"
     assert before.version == EDITED == serving.run(serving.streams.live())
 
@@ -456,13 +346,9 @@ def test_replica_killed_mid_swap_rejoins_at_the_live_version(serving: Serving, r
         time.sleep(1.0)
     assert status is not None and status.state == ReplicaState.ready, status
     assert status.incarnation != before.incarnation and status.version == EDITED
-    answers = serving.run(_greedy(victim, [r.text for r in serving.requests]))
+    answers = serving.run(greedy(victim, [r.text for r in serving.requests]))
     assert all(greedy_contains(answers[r.text], r.target_new) for r in serving.requests), answers
     assert not [p for p in engine_pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"], \
         "the killed replica's vLLM engine processes outlived it"
 
 
-def _engine_pids(client: RayReplicaClient) -> list[int]:
-    """Processes the replica actor started (vLLM's engine core and its worker)."""
-    pid = ray.get(client.handle.__ray_call__.remote(lambda self: os.getpid()))
-    return [p.pid for p in psutil.Process(pid).children(recursive=True)]
