@@ -43,3 +43,16 @@ def test_a_file_relative_path_exists(module: str, name: str) -> None:
     value = getattr(importlib.import_module(module), name)
     assert isinstance(value, Path), f"{module}.{name} is {type(value).__name__}, not a Path"
     assert value.exists(), f"{module}.{name} = {value} does not exist"
+
+
+def test_a_prometheus_config_without_its_alert_rules_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import json
+
+    from controller.cli.prometheus_setup import write_local_config
+
+    shipped = json.loads(write_local_config(tmp_path / "a", "127.0.0.1:1", None, None).read_text())
+    assert shipped["rule_files"] and Path(shipped["rule_files"][0]).is_file()
+    with caplog.at_level("WARNING", logger="editq.prometheus"):
+        config = json.loads(write_local_config(tmp_path / "b", "127.0.0.1:1", None, None,
+                                               alerts=tmp_path / "gone.yml").read_text())
+    assert "rule_files" not in config and "no alert rules at" in caplog.text

@@ -13,9 +13,11 @@ for other setups.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
+log = logging.getLogger("editq.prometheus")
 ALERTS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "alerts.yml"
 
 
@@ -53,6 +55,8 @@ def write_local_config(
     }
     if alerts is not None and alerts.exists():
         config["rule_files"] = [str(alerts)]
+    elif alerts is not None:  # an install without deploy/: scraping still works, but say that no alert will fire
+        log.warning("no alert rules at %s: Prometheus will scrape editq but evaluate no alerts", alerts)
     path = directory / "prometheus.yml"
     path.write_text(json.dumps(config, indent=2) + "\n")
     return path

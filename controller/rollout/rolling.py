@@ -53,7 +53,6 @@ MAX_NEIGHBOUR_FACTS, NEIGHBOURS_PER_EDIT = 16, 4  # clients' neighbourhood promp
 DEFAULT_CONTROL_FACTS_FILE = Path(__file__).resolve().parents[2] / "workers" / "evaluation" / "control_facts.json"
 
 
-
 class GateResult(BaseModel):
     gate: Literal["swap", "agreement", "probes", "controls", "neighbours", "error_rate", "replica"]
     replica: str
