@@ -72,15 +72,21 @@ def load_tier(settings: Settings, fingerprint: str) -> TierScorer | None:
 
 
 def load_general(model: PreTrainedModel, tok: PreTrainedTokenizerBase, settings: Settings, fingerprint: str,
-                 model_name: str, max_tokens: int | None) -> General:
+                 model_name: str, max_tokens: int | None, gate: HealthGate | None = None) -> General:
     """Full general health on the shipped mixed text (first ``max_tokens`` positions) and retention facts; the KL
-    reference is cached under ``home/general`` (computed now when missing: ``model`` must be unedited)."""
+    reference is cached under ``home/general`` (computed now when missing: ``model`` must be unedited). With the
+    deployment's ``gate`` it also scores the facts the gate draws from (and, for a fixed sample, those it never
+    scores)."""
     probe = GeneralProbe.from_asset(tok, max_tokens)
     reference = load_or_compute_reference(model, tok, probe, settings.home / "general", fingerprint)
     if not RETENTION_FACTS.is_file():
         print(f"{RETENTION_FACTS} is missing: retention will be nan", file=sys.stderr)
     facts = load_retention_facts(model_name) if RETENTION_FACTS.is_file() else []
-    return general_evaluator(tok, probe, reference, facts, gate_facts=settings.health_facts)
+    if gate is None:
+        return general_evaluator(tok, probe, reference, facts)
+    # a fixed gate sample leaves the other firm facts unseen; a rotating one sees them all in turn
+    unseen = None if gate.rotate else [f for f in gate.pool if f not in gate.facts]
+    return general_evaluator(tok, probe, reference, facts, firm=gate.pool, unseen=unseen)
 
 
 def _gate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, settings: Settings, fingerprint: str,
@@ -99,8 +105,9 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     hp = default_hparams(model.config, algo).with_overrides(**settings.guard_overrides(), **overrides,
                                                            **_parse_sets(args.set))
     requests = load_edits(args.data, limit=args.offset + args.n_edits).requests[args.offset :]
-    general = load_general(model, tok, settings, fingerprint, model_name, args.general_tokens)
-    gate = _gate(model, tok, settings, fingerprint, model_name) if budget else None
+    deployed = _gate(model, tok, settings, fingerprint, model_name)  # its facts are measured in every configuration
+    general = load_general(model, tok, settings, fingerprint, model_name, args.general_tokens, deployed)
+    gate = deployed if budget else None
     # Every batch the weights refuse (budget, or a guard such as the norm cap) is served by the tier, as in the product.
     tier = load_tier(settings, fingerprint) if budget or "norm_cap" in overrides else None
     editor = Editor(model, tok, hp, _stats(settings, fingerprint, hp), fingerprint)
@@ -133,8 +140,7 @@ def run_many(args: argparse.Namespace) -> None:
         hp = default_hparams(model.config, algo)
         _stats(settings, fingerprint, hp).get(model, tok, ModelLayout.from_model(model), hp.layers)
     load_general(model, tok, settings, fingerprint, model_name, args.general_tokens)
-    if any(parse_config(c)[1] for c in configs):
-        _gate(model, tok, settings, fingerprint, model_name)
+    _gate(model, tok, settings, fingerprint, model_name)  # every configuration reports the gate's firm facts
     del model
     parts = args.out.parent / f"{args.out.stem}_parts"
     parts.mkdir(parents=True, exist_ok=True)

@@ -88,16 +88,19 @@ def config_hparams(name: str) -> dict[str, Any]:
 
 def general_evaluator(
     tokenizer: PreTrainedTokenizerBase, probe: GeneralProbe, reference: BaseReference, facts: Sequence[RetentionFact],
-    gate_facts: int | None = None,
+    firm: Sequence[RetentionFact] | None = None, unseen: Sequence[RetentionFact] | None = None,
 ) -> General:
     """Full general health (every probe position given, all facts, all fluency prompts) as a plain dict. With
-    ``gate_facts`` (the health gate scores the first ``gate_facts`` facts) it also reports ``retention_heldout``:
-    retention on the facts the gate never sees, which the gate's repeated tries cannot have been selected on."""
+    ``firm`` (the facts the health gate draws from: those the base model knows by its margin) it also reports
+    ``retention_firm``, and with ``unseen`` (firm facts a fixed gate sample never scores) ``retention_heldout``, which
+    the gate's repeated tries cannot have been selected on."""
 
     def run(model: PreTrainedModel, subjects: list[str]) -> dict[str, float]:
         out = asdict(general_health(model, tokenizer, probe, reference, facts, subjects, FULL))
-        if gate_facts is not None and len(facts) > gate_facts:
-            out["retention_heldout"] = fact_retention(model, tokenizer, facts[gate_facts:], subjects)
+        if firm:
+            out["retention_firm"] = fact_retention(model, tokenizer, firm, subjects)
+        if unseen:
+            out["retention_heldout"] = fact_retention(model, tokenizer, unseen, subjects)
         return out
 
     return run
@@ -202,7 +205,7 @@ class _Run:
             _write(self.opts.out, self.result)
         g = point["general"]
         _log(self.opts.name, f"checkpoint {n} edits: KL {g['kl']:.4f} ppl x{point['ppl_ratio']:.3f} retention "
-             f"{g['retention']:.3f} (held out {g.get('retention_heldout', math.nan):.3f}) served efficacy "
+             f"{g['retention']:.3f} (firm {g.get('retention_firm', math.nan):.3f}) served efficacy "
              f"{served_m['efficacy']:.3f} tier share {point['tier_share']:.2f} "
              f"(eval {point['eval_seconds']:.0f} s)")
         return point

@@ -301,10 +301,26 @@ class Settings(BaseSettings):
     health_min_fluency_ratio: float | None = Field(
         default=None, ge=0, le=1, description="Least n-gram entropy of greedy generations relative to the base."
     )
-    # Sized to keep the per-version check short on CPU (the canary perplexity is shared with the collapse metrics);
-    # one fact is 0.8% of retention, so a 5% limit is six facts.
+    health_retention_confidence: float | None = Field(
+        default=0.9, gt=0.5, lt=1, description="One-sided confidence of the retention check: the floor is compared "
+        "with the Wilson lower bound of the sampled reading, so a version that reads within the floor only by "
+        "sampling luck is refused (at 256 facts and a 0.95 floor: at most 8 lost facts instead of 12). None: the "
+        "reading itself.",
+    )
+    health_fact_margin: float = Field(
+        default=0.5, ge=0, description="Score only facts the base model knows by at least this margin (nats: every "
+        "answer token's log-prob over the best other token's). Below it facts flip under any small change: a random "
+        "weight change the size of 4 edits flips 8% of the facts under 0.5 nats and none above "
+        "(benchmarks/results/retention_margin_cpu.json). 0: every known fact.",
+    )
+    health_facts_rotate: bool = Field(
+        default=True, description="Draw each check's facts afresh from all shipped ones (seeded by the batch) "
+        "instead of scoring a fixed prefix, so a stream of tries cannot select versions that spare one sample.",
+    )
+    # Sized to keep the per-version check short on CPU (the canary perplexity is shared with the collapse metrics).
     health_tokens: int = Field(default=1024, ge=16, description="Mixed-text positions scored per version.")
-    health_facts: int = Field(default=128, ge=0, description="Known facts scored per version.")
+    health_facts: int = Field(default=256, ge=0, description="Known facts scored per version (drawn from those "
+                              "past health_fact_margin: 417 of 620 on SmolLM2).")
     health_patience: int = Field(
         default=3, ge=0, description="Health-budget refusals in a row on one version after which batches skip the "
         "weights (straight to the retrieval tier, rejected/health_budget) and the weights are tried again only after "

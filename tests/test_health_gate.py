@@ -5,19 +5,40 @@ the budget refused a few batches in a row, later ones skip the weights (the back
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from shared.settings import Settings
+from tests.conftest import smollm2_path
 from tests.pipeline_helpers import Probe, pipeline_settings, tiny_requests
 from tests.test_guards import REQUESTS, _hp, _same, _snapshot, stats  # noqa: F401 (fixture)
 from tests.test_pipeline import run_to_terminal
 from workers.editing.editor import Editor
+from workers.evaluation import health_gate
 from workers.evaluation.budget_backoff import BudgetBackoff
-from workers.evaluation.general import GeneralBudget, GeneralHealth
-from workers.evaluation.health_gate import HEALTH_BUDGET, HealthGate, HealthLimits, gate_from_settings, health_metrics
+from workers.evaluation.general import (
+    GeneralBudget,
+    GeneralHealth,
+    GeneralProbe,
+    RetentionFact,
+    load_retention_facts,
+    reference_path,
+)
+from workers.evaluation.health_gate import (
+    HEALTH_BUDGET,
+    HealthGate,
+    HealthLimits,
+    base_key,
+    gate_from_settings,
+    health_metrics,
+    settings_budget,
+    wilson_lower_bound,
+)
+from workers.evaluation.scoring import answer_margins, token_accuracy
 from workers.guards import GuardRejection
 
 BASE = GeneralHealth(kl=0.0, top1_agreement=1.0, retention=0.9, ppl=20.0, fluency=5.0)
@@ -40,6 +61,86 @@ def test_limits_are_relative_to_the_base_and_each_names_its_measure() -> None:
                                             "editq_canary_perplexity"}
 
 
+def test_the_retention_bound_admits_a_model_at_the_floor_at_most_as_often_as_its_confidence() -> None:
+    # exact binomial: a model whose true retention is exactly the floor passes when its reading's bound clears it
+    for n, confidence in [(128, 0.9), (256, 0.9), (256, 0.95), (620, 0.8)]:
+        passes = sum(math.comb(n, k) * 0.95**k * 0.05 ** (n - k) for k in range(n + 1)
+                     if wilson_lower_bound(k / n, n, confidence) >= 0.95)
+        assert passes <= (1 - confidence) * 1.25, (n, confidence, passes)
+        # the reading alone would pass it about half the time
+        point = sum(math.comb(n, k) * 0.95**k * 0.05 ** (n - k) for k in range(n + 1) if k / n >= 0.95)
+        assert point > 0.45
+    assert wilson_lower_bound(1.0, 256, 0.9) == pytest.approx(256 / (256 + 1.2816**2), abs=1e-4)
+    assert wilson_lower_bound(0.5, 1000, 0.9) < wilson_lower_bound(0.5, 10_000, 0.9) < 0.5  # tighter with more facts
+
+
+def test_the_retention_floor_is_checked_on_the_bound_of_the_reading() -> None:
+    limits = HealthLimits(min_retention=0.95, retention_confidence=0.9)
+    base = GeneralHealth(kl=0.0, top1_agreement=1.0, retention=1.0, ppl=20.0, fluency=5.0)
+    lucky = GeneralHealth(kl=0.0, top1_agreement=1.0, retention=122 / 128, ppl=20.0, fluency=5.0)
+    assert HealthLimits(min_retention=0.95).breaches(lucky, base, 128) == []  # the reading alone is within
+    (breach,) = limits.breaches(lucky, base, 128)
+    assert breach.startswith("fact retention 0.953 (lower 90% bound 0.9") and "on 128 facts" in breach
+    assert limits.breaches(replace_retention(lucky, 1.0), base, 128) == []  # no fact lost: within
+    assert limits.breaches(replace_retention(lucky, 250 / 256), base, 256) == []  # 6 of 256 lost: within
+    assert limits.breaches(lucky, base) == []  # no fact count: the reading itself
+
+
+def replace_retention(health: GeneralHealth, retention: float) -> GeneralHealth:
+    return GeneralHealth(health.kl, health.top1_agreement, retention, health.ppl, health.fluency)
+
+
+def test_each_check_draws_its_facts_afresh_from_the_firmly_known_ones(tiny_llama, tiny_tokenizer, tmp_path,
+                                                                      monkeypatch) -> None:
+    subjects = ["paris", "lyon", "rome", "france"]
+    known = [RetentionFact(f"the capital of {subjects[i % 4]} is a city {i}", "paris", subjects[i % 4])
+             for i in range(300)]
+    margins = [(-0.1, 0.2, 1.0)[i % 3] for i in range(300)]  # not known / known by a hair / known firmly
+    seen_pairs = []
+
+    def fake_margins(model, tokenizer, pairs):
+        seen_pairs.append(list(pairs))
+        return torch.tensor(margins)
+
+    monkeypatch.setattr(health_gate, "answer_margins", fake_margins)
+    budget = GeneralBudget(max_tokens=64, max_facts=16, n_prompts=0, max_new_tokens=8)
+    gate = HealthGate(tiny_llama, tiny_tokenizer, HealthLimits(min_retention=0.95, retention_confidence=0.9),
+                      budget, tmp_path / "general", "tiny", None, rotate=True, facts=known, min_margin=0.5)
+    firm = known[2::3]
+    assert seen_pairs == [[(f.prompt, f.answer) for f in known]]  # measured once, on the base model
+    assert gate.pool == gate.base_facts == firm  # the base reading is on every fact a check may draw
+    first, again, other = gate.sample((), "e1\ne2"), gate.sample((), "e1\ne2"), gate.sample((), "e3")
+    assert len(first) == 16 and first == again and first != other  # a retry of one batch sees the same facts
+    assert set(map(id, first)) <= set(map(id, firm))
+    seen = {f.prompt for seed in range(100) for f in gate.sample((), str(seed))}
+    assert len(seen) > 0.9 * len(firm)  # not a fixed prefix
+    assert all(f.subject != "rome" for seed in range(20) for f in gate.sample({"rome"}, str(seed)))
+    assert len(gate.sample({"rome"}, "x")) == 16
+    # a second gate finds the margins cached with the base reading; without a margin every known fact counts
+    again_gate = HealthGate(tiny_llama, tiny_tokenizer, HealthLimits(), budget, tmp_path / "general", "tiny", None,
+                            rotate=True, facts=known, min_margin=0.5)
+    assert len(seen_pairs) == 1 and again_gate.pool == firm
+    fixed = HealthGate(tiny_llama, tiny_tokenizer, HealthLimits(), budget, tmp_path / "general", "tiny", None,
+                       facts=known)
+    assert fixed.pool == [f for f, m in zip(known, margins, strict=True) if m > 0]
+    assert fixed.sample((), "a") == fixed.sample((), "b") == fixed.pool[:16]
+
+
+def test_the_margin_is_positive_exactly_when_the_model_gives_the_answer(tiny_llama, tiny_tokenizer) -> None:
+    words = ["paris", "lyon", "rome", "france", "city", "capital"]
+    pairs = [(f"the capital of {a} is", f"{b} {c}") for a in words for b in words[:3] for c in words[3:5]]
+    margins = answer_margins(tiny_llama, tiny_tokenizer, pairs)
+    exact = token_accuracy(tiny_llama, tiny_tokenizer, pairs) >= 1.0
+    assert torch.equal(margins > 0, exact)
+    prompt, answer = "the capital of france is", "paris"
+    ids = tiny_tokenizer(prompt, return_tensors="pt").input_ids
+    logp = torch.log_softmax(tiny_llama(input_ids=ids).logits[0, -1].float(), -1)
+    target = tiny_tokenizer(" paris", add_special_tokens=False).input_ids[0]
+    expected = logp[target] - torch.cat([logp[:target], logp[target + 1:]]).max()
+    assert float(answer_margins(tiny_llama, tiny_tokenizer, [(prompt, answer)])[0]) == pytest.approx(
+        float(expected), abs=1e-4)
+
+
 def _gate(model, tokenizer, tmp_path, limits: HealthLimits) -> HealthGate:
     budget = GeneralBudget(max_tokens=256, max_facts=16, n_prompts=0, max_new_tokens=8)
     return HealthGate(model, tokenizer, limits, budget, tmp_path / "general", "tiny", "tiny-model")
@@ -60,6 +161,21 @@ def test_gate_passes_the_base_and_refuses_a_damaged_model(tiny_llama, tiny_token
     # the base reading is cached beside the KL reference: a second gate built on the damaged model keeps the base's
     again = _gate(tiny_llama, tiny_tokenizer, tmp_path, HealthLimits(max_kl=1e-3))
     assert (again.base.kl, again.base.ppl) == (gate.base.kl, gate.base.ppl)
+
+
+def test_the_cached_base_reading_must_match_the_facts_it_would_draw(tmp_path) -> None:
+    model_path = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    budget = settings_budget(Settings(home=tmp_path))
+    path = reference_path(tmp_path, "fp", GeneralProbe.from_asset(tokenizer, budget.max_tokens))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"")
+    facts = load_retention_facts(model_path.name)
+    path.with_suffix(".json").write_text(json.dumps({"key": base_key(facts, budget, 0.5, False)}))
+    assert HealthGate.cached(tokenizer, budget, tmp_path, "fp", model_path.name, rotate=False, min_margin=0.5)
+    assert not HealthGate.cached(tokenizer, budget, tmp_path, "fp", model_path.name, rotate=True,
+                                 min_margin=0.5)  # a prefix was scored, not every fact
+    assert not HealthGate.cached(tokenizer, budget, tmp_path, "fp", model_path.name, rotate=False)  # another margin
 
 
 def test_a_refused_batch_leaves_model_and_state_exactly_as_before(tiny_llama, tiny_tokenizer, stats,  # noqa: F811

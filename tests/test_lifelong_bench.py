@@ -138,8 +138,9 @@ def test_loop_checkpoints_and_an_impossible_budget_routes_everything_to_the_tier
             assert torch.equal(editor.layout.get_weight(tiny_llama, layer).float().cpu(), weight)
 
 
-def test_held_out_retention_scores_only_the_facts_the_gate_never_sees(tiny_llama, tiny_tokenizer) -> None:
-    """The gate scores the first N facts; the benchmark's held-out retention must use the rest alone."""
+def test_firm_and_held_out_retention_score_only_their_own_facts(tiny_llama, tiny_tokenizer) -> None:
+    """The benchmark's firm retention scores the gate's facts alone, its held-out retention the ones a fixed gate
+    sample never sees."""
     from workers.evaluation.general import RetentionFact, fact_retention
 
     known, unknown = [], []
@@ -156,6 +157,8 @@ def test_held_out_retention_scores_only_the_facts_the_gate_never_sees(tiny_llama
     facts = unknown[:4] + known[:2]  # the gate's 4 are all lost, the 2 held out are all kept
     probe = GeneralProbe.from_texts(tiny_tokenizer, TEXTS)
     reference = compute_base_reference(tiny_llama, tiny_tokenizer, probe)
-    out = general_evaluator(tiny_tokenizer, probe, reference, facts, gate_facts=4)(tiny_llama, [])
-    assert out["retention_heldout"] == 1.0 and out["retention"] < 1.0
-    assert "retention_heldout" not in general_evaluator(tiny_tokenizer, probe, reference, facts)(tiny_llama, [])
+    out = general_evaluator(tiny_tokenizer, probe, reference, facts, firm=unknown[:3] + known[:1],
+                            unseen=known[:2])(tiny_llama, [])
+    assert out["retention_heldout"] == 1.0 and out["retention_firm"] == 0.25 and out["retention"] < 1.0
+    plain = general_evaluator(tiny_tokenizer, probe, reference, facts)(tiny_llama, [])
+    assert "retention_heldout" not in plain and "retention_firm" not in plain

@@ -99,7 +99,8 @@ def ensure_health_reference(settings: Settings, device: str = "auto") -> bool:
     model_path = settings.resolved_model_path()
     fingerprint = model_fingerprint(model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-    if HealthGate.cached(tokenizer, settings_budget(settings), settings.general_dir, fingerprint):
+    if HealthGate.cached(tokenizer, settings_budget(settings), settings.general_dir, fingerprint, model_path.name,
+                         settings.health_facts_rotate, settings.health_fact_margin):
         return False
     with quiet_transformers():
         model, tokenizer = load_model(model_path, device=device)

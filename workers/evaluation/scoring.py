@@ -29,6 +29,21 @@ def span_logprobs(
     return logp.gather(1, t_ids[:, None]).squeeze(1), logp.argmax(-1), r_idx
 
 
+def _teacher_forced(
+    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]]
+) -> tuple[list[list[int]], list[range], list[list[int]]]:
+    """Per pair: the input row (prompt + all answer tokens but the last), the positions predicting the answer tokens,
+    and those tokens."""
+    rows, spans, targets = [], [], []
+    for prompt, candidate in pairs:
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        cand = target_token_ids(tokenizer, prompt, candidate)
+        rows.append(prompt_ids + cand[:-1])
+        spans.append(range(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(cand)))
+        targets.append(cand)
+    return rows, spans, targets
+
+
 def _score(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -37,13 +52,7 @@ def _score(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per pair: mean target-token NLL and share of target tokens predicted exactly (argmax)."""
     device = next(model.parameters()).device
-    rows, spans, targets = [], [], []
-    for prompt, candidate in pairs:
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        cand = target_token_ids(tokenizer, prompt, candidate)
-        rows.append(prompt_ids + cand[:-1])
-        spans.append(range(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(cand)))
-        targets.append(cand)
+    rows, spans, targets = _teacher_forced(tokenizer, pairs)
     nll = torch.zeros(len(pairs))
     acc = torch.zeros(len(pairs))
     head = model.get_output_embeddings()
@@ -83,6 +92,36 @@ def token_accuracy(
     max_batch_tokens: int = 8192,
 ) -> torch.Tensor:
     return _score(model, tokenizer, pairs, max_batch_tokens)[1]
+
+
+@torch.no_grad()
+def answer_margins(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[tuple[str, str]],
+    max_batch_tokens: int = 8192,
+) -> torch.Tensor:
+    """Per pair: how firmly the model gives the answer, teacher-forced: the least, over its tokens, of the log-prob of
+    the answer token minus that of the best other token (> 0 exactly when every answer token is the argmax)."""
+    device = next(model.parameters()).device
+    rows, spans, targets = _teacher_forced(tokenizer, pairs)
+    out = torch.zeros(len(pairs))
+    head = model.get_output_embeddings()
+    for group in chunks_by_tokens([len(r) for r in rows], max_batch_tokens):
+        batch = pad_right([rows[i] for i in group], tokenizer.pad_token_id).to(device)
+        hidden = model.base_model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        ).last_hidden_state
+        r_idx = torch.tensor([j for j, i in enumerate(group) for _ in spans[i]], device=device)
+        p_idx = torch.tensor([p for i in group for p in spans[i]], device=device)
+        t_ids = torch.tensor([t for i in group for t in targets[i]], device=device)
+        logp = torch.log_softmax(head(hidden[r_idx, p_idx]).float(), dim=-1)
+        answer = logp.gather(1, t_ids[:, None]).squeeze(1)
+        others = logp.scatter(1, t_ids[:, None], float("-inf")).amax(dim=1)
+        least = torch.full((len(group),), float("inf"), device=device).scatter_reduce(
+            0, r_idx, answer - others, reduce="amin")
+        out[group] = least.cpu()
+    return out
 
 
 @torch.no_grad()
