@@ -301,11 +301,11 @@ class Settings(BaseSettings):
     health_min_fluency_ratio: float | None = Field(
         default=None, ge=0, le=1, description="Least n-gram entropy of greedy generations relative to the base."
     )
-    health_retention_confidence: float | None = Field(
-        default=0.9, gt=0.5, lt=1, description="One-sided confidence of the retention check: the floor is compared "
+    health_retention_confidence: float = Field(
+        default=0.9, ge=0.5, lt=1, description="One-sided confidence of the retention check: the floor is compared "
         "with the Wilson lower bound of the sampled reading, so a version that reads within the floor only by "
-        "sampling luck is refused (at 256 facts and a 0.95 floor: at most 8 lost facts instead of 12). None: the "
-        "reading itself.",
+        "sampling luck is refused (at 256 facts and a 0.95 floor: at most 8 lost facts instead of 12). 0.5: the "
+        "reading itself (the bound's z is 0).",
     )
     health_fact_margin: float = Field(
         default=0.5, ge=0, description="Score only facts the base model knows by at least this margin (nats: every "
@@ -314,7 +314,7 @@ class Settings(BaseSettings):
         "(benchmarks/results/retention_margin_cpu.json). 0: every known fact.",
     )
     health_facts_rotate: bool = Field(
-        default=True, description="Draw each check's facts afresh from all shipped ones (seeded by the batch) "
+        default=True, description="Draw each check's facts afresh from the firmly known ones (seeded by the batch) "
         "instead of scoring a fixed prefix, so a stream of tries cannot select versions that spare one sample.",
     )
     # Sized to keep the per-version check short on CPU (the canary perplexity is shared with the collapse metrics).

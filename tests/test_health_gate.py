@@ -5,15 +5,12 @@ the budget refused a few batches in a row, later ones skip the weights (the back
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from shared.settings import Settings
-from tests.conftest import smollm2_path
 from tests.pipeline_helpers import Probe, pipeline_settings, tiny_requests
 from tests.test_guards import REQUESTS, _hp, _same, _snapshot, stats  # noqa: F401 (fixture)
 from tests.test_pipeline import run_to_terminal
@@ -23,19 +20,14 @@ from workers.evaluation.budget_backoff import BudgetBackoff
 from workers.evaluation.general import (
     GeneralBudget,
     GeneralHealth,
-    GeneralProbe,
     RetentionFact,
-    load_retention_facts,
-    reference_path,
 )
 from workers.evaluation.health_gate import (
     HEALTH_BUDGET,
     HealthGate,
     HealthLimits,
-    base_key,
     gate_from_settings,
     health_metrics,
-    settings_budget,
     wilson_lower_bound,
 )
 from workers.evaluation.scoring import answer_margins, token_accuracy
@@ -61,7 +53,7 @@ def test_limits_are_relative_to_the_base_and_each_names_its_measure() -> None:
                                             "editq_canary_perplexity"}
 
 
-def test_the_retention_bound_admits_a_model_at_the_floor_at_most_as_often_as_its_confidence() -> None:
+def test_the_retention_bound_admits_a_model_at_the_floor_about_as_rarely_as_its_confidence_says() -> None:
     # exact binomial: a model whose true retention is exactly the floor passes when its reading's bound clears it
     for n, confidence in [(128, 0.9), (256, 0.9), (256, 0.95), (620, 0.8)]:
         passes = sum(math.comb(n, k) * 0.95**k * 0.05 ** (n - k) for k in range(n + 1)
@@ -84,6 +76,7 @@ def test_the_retention_floor_is_checked_on_the_bound_of_the_reading() -> None:
     assert limits.breaches(replace_retention(lucky, 1.0), base, 128) == []  # no fact lost: within
     assert limits.breaches(replace_retention(lucky, 250 / 256), base, 256) == []  # 6 of 256 lost: within
     assert limits.breaches(lucky, base) == []  # no fact count: the reading itself
+    assert HealthLimits(min_retention=0.95, retention_confidence=0.5).breaches(lucky, base, 128) == []  # z = 0
 
 
 def replace_retention(health: GeneralHealth, retention: float) -> GeneralHealth:
@@ -126,19 +119,40 @@ def test_each_check_draws_its_facts_afresh_from_the_firmly_known_ones(tiny_llama
     assert fixed.sample((), "a") == fixed.sample((), "b") == fixed.pool[:16]
 
 
-def test_the_margin_is_positive_exactly_when_the_model_gives_the_answer(tiny_llama, tiny_tokenizer) -> None:
-    words = ["paris", "lyon", "rome", "france", "city", "capital"]
-    pairs = [(f"the capital of {a} is", f"{b} {c}") for a in words for b in words[:3] for c in words[3:5]]
+def _next_logp(model, tokenizer, text: str) -> torch.Tensor:
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return torch.log_softmax(model(input_ids=ids).logits[0, -1].float(), -1)
+
+
+def _gap(logp: torch.Tensor, target: int) -> float:
+    """Log-prob of ``target`` minus the best other token's."""
+    return float(logp[target] - torch.cat([logp[:target], logp[target + 1:]]).max())
+
+
+def test_the_margin_is_the_least_gap_over_the_answer_tokens(tiny_llama, tiny_tokenizer) -> None:
+    words = ["paris", "lyon", "rome", "france", "city", "capital", "the", "of"]
+    specials = set(tiny_tokenizer.all_special_ids)
+    right, half, expected = [], [], []
+    for word in words:  # two-token answers: the model's own greedy pair, and its first word with the worst second
+        prompt = f"the capital of {word} is"
+        first = _next_logp(tiny_llama, tiny_tokenizer, prompt)
+        t1 = int(first.argmax())
+        second = _next_logp(tiny_llama, tiny_tokenizer, f"{prompt} {tiny_tokenizer.decode([t1])}")
+        t2, worst = int(second.argmax()), int(second.argmin())
+        if {t1, t2, worst} & specials:
+            continue
+        w1, w2, bad = (tiny_tokenizer.decode([t]) for t in (t1, t2, worst))
+        right.append((prompt, f"{w1} {w2}"))
+        half.append((prompt, f"{w1} {bad}"))
+        expected.append(min(_gap(first, t1), _gap(second, t2)))
+    assert len(right) >= 3
+    pairs = right + half
     margins = answer_margins(tiny_llama, tiny_tokenizer, pairs)
-    exact = token_accuracy(tiny_llama, tiny_tokenizer, pairs) >= 1.0
-    assert torch.equal(margins > 0, exact)
-    prompt, answer = "the capital of france is", "paris"
-    ids = tiny_tokenizer(prompt, return_tensors="pt").input_ids
-    logp = torch.log_softmax(tiny_llama(input_ids=ids).logits[0, -1].float(), -1)
-    target = tiny_tokenizer(" paris", add_special_tokens=False).input_ids[0]
-    expected = logp[target] - torch.cat([logp[:target], logp[target + 1:]]).max()
-    assert float(answer_margins(tiny_llama, tiny_tokenizer, [(prompt, answer)])[0]) == pytest.approx(
-        float(expected), abs=1e-4)
+    accuracy = token_accuracy(tiny_llama, tiny_tokenizer, pairs)
+    assert accuracy[: len(right)].eq(1.0).all() and accuracy[len(right):].eq(0.5).all()  # one token of two right
+    assert torch.equal(margins > 0, accuracy >= 1.0)  # positive exactly when every answer token is the argmax
+    assert margins[: len(right)].tolist() == pytest.approx(expected, abs=1e-4)  # the lesser of the two gaps
 
 
 def _gate(model, tokenizer, tmp_path, limits: HealthLimits) -> HealthGate:
@@ -163,19 +177,22 @@ def test_gate_passes_the_base_and_refuses_a_damaged_model(tiny_llama, tiny_token
     assert (again.base.kl, again.base.ppl) == (gate.base.kl, gate.base.ppl)
 
 
-def test_the_cached_base_reading_must_match_the_facts_it_would_draw(tmp_path) -> None:
-    model_path = smollm2_path()
-    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-    budget = settings_budget(Settings(home=tmp_path))
-    path = reference_path(tmp_path, "fp", GeneralProbe.from_asset(tokenizer, budget.max_tokens))
-    path.parent.mkdir(parents=True)
-    path.write_bytes(b"")
-    facts = load_retention_facts(model_path.name)
-    path.with_suffix(".json").write_text(json.dumps({"key": base_key(facts, budget, 0.5, False)}))
-    assert HealthGate.cached(tokenizer, budget, tmp_path, "fp", model_path.name, rotate=False, min_margin=0.5)
-    assert not HealthGate.cached(tokenizer, budget, tmp_path, "fp", model_path.name, rotate=True,
-                                 min_margin=0.5)  # a prefix was scored, not every fact
-    assert not HealthGate.cached(tokenizer, budget, tmp_path, "fp", model_path.name, rotate=False)  # another margin
+def test_the_cached_base_reading_must_match_the_facts_it_would_draw(tiny_llama, tiny_tokenizer, tmp_path,
+                                                                    monkeypatch) -> None:
+    known = [RetentionFact(f"the capital of france is a city {i}", "paris", "france") for i in range(20)]
+    monkeypatch.setattr(health_gate, "load_retention_facts", lambda model_name=None: known)
+    budget = GeneralBudget(max_tokens=64, max_facts=8, n_prompts=0, max_new_tokens=8)
+    cache = tmp_path / "general"
+    assert not HealthGate.cached(tiny_tokenizer, budget, cache, "tiny", "m", rotate=True, min_margin=0.5)
+    HealthGate(tiny_llama, tiny_tokenizer, HealthLimits(), budget, cache, "tiny", "m", rotate=True, min_margin=0.5)
+    assert HealthGate.cached(tiny_tokenizer, budget, cache, "tiny", "m", rotate=True, min_margin=0.5)
+    assert not HealthGate.cached(tiny_tokenizer, budget, cache, "tiny", "m", rotate=False, min_margin=0.5)
+    assert not HealthGate.cached(tiny_tokenizer, budget, cache, "tiny", "m", rotate=True, min_margin=1.0)
+    reading = next(cache.rglob("*.json"))
+    reading.write_text('{"key": ')  # a half-written file is a miss, measured again, never a crash
+    assert not HealthGate.cached(tiny_tokenizer, budget, cache, "tiny", "m", rotate=True, min_margin=0.5)
+    HealthGate(tiny_llama, tiny_tokenizer, HealthLimits(), budget, cache, "tiny", "m", rotate=True, min_margin=0.5)
+    assert HealthGate.cached(tiny_tokenizer, budget, cache, "tiny", "m", rotate=True, min_margin=0.5)
 
 
 def test_a_refused_batch_leaves_model_and_state_exactly_as_before(tiny_llama, tiny_tokenizer, stats,  # noqa: F811
