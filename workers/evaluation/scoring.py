@@ -7,12 +7,25 @@ tokens that are the argmax.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from workers.editing.tokens import chunks_by_tokens, pad_right, target_token_ids
+
+
+def _span_logp(
+    head: torch.nn.Module, hidden: torch.Tensor, group: Sequence[int], spans: Sequence[range],
+    targets: Sequence[Sequence[int]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The full next-token log-probabilities at every target position of the rows ``group``, the target tokens and
+    which batch row each belongs to (all flat, in order)."""
+    device = hidden.device
+    r_idx = torch.tensor([j for j, i in enumerate(group) for _ in spans[i]], device=device)
+    p_idx = torch.tensor([p for i in group for p in spans[i]], device=device)
+    t_ids = torch.tensor([t for i in group for t in targets[i]], device=device)
+    return torch.log_softmax(head(hidden[r_idx, p_idx]).float(), dim=-1), t_ids, r_idx
 
 
 def span_logprobs(
@@ -21,11 +34,7 @@ def span_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Teacher-forced target tokens of the rows ``group`` of a batch: for every target token its log-probability
     and the argmax token at its position, and which batch row it belongs to (all flat, in order)."""
-    device = hidden.device
-    r_idx = torch.tensor([j for j, i in enumerate(group) for _ in spans[i]], device=device)
-    p_idx = torch.tensor([p for i in group for p in spans[i]], device=device)
-    t_ids = torch.tensor([t for i in group for t in targets[i]], device=device)
-    logp = torch.log_softmax(head(hidden[r_idx, p_idx]).float(), dim=-1)
+    logp, t_ids, r_idx = _span_logp(head, hidden, group, spans, targets)
     return logp.gather(1, t_ids[:, None]).squeeze(1), logp.argmax(-1), r_idx
 
 
@@ -44,6 +53,22 @@ def _teacher_forced(
     return rows, spans, targets
 
 
+def _answer_batches(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]],
+    max_batch_tokens: int,
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Teacher-forced batches of ``pairs``: per batch, the pair indices and ``_span_logp`` of their answer tokens."""
+    device = next(model.parameters()).device
+    rows, spans, targets = _teacher_forced(tokenizer, pairs)
+    head = model.get_output_embeddings()
+    for group in chunks_by_tokens([len(r) for r in rows], max_batch_tokens):
+        batch = pad_right([rows[i] for i in group], tokenizer.pad_token_id).to(device)
+        hidden = model.base_model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        ).last_hidden_state
+        yield list(group), *_span_logp(head, hidden, group, spans, targets)
+
+
 def _score(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -51,26 +76,14 @@ def _score(
     max_batch_tokens: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per pair: mean target-token NLL and share of target tokens predicted exactly (argmax)."""
-    device = next(model.parameters()).device
-    rows, spans, targets = _teacher_forced(tokenizer, pairs)
     nll = torch.zeros(len(pairs))
     acc = torch.zeros(len(pairs))
-    head = model.get_output_embeddings()
-    for group in chunks_by_tokens([len(r) for r in rows], max_batch_tokens):
-        batch = pad_right([rows[i] for i in group], tokenizer.pad_token_id).to(device)
-        hidden = model.base_model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-        ).last_hidden_state
-        tok_logp, top, r_idx = span_logprobs(head, hidden, group, spans, targets)
-        tok_nll = -tok_logp
-        t_ids = torch.tensor([t for i in group for t in targets[i]], device=device)
-        hit = (top == t_ids).float()
-        n = len(group)
-        counts = torch.zeros(n, device=device).index_add_(0, r_idx, torch.ones_like(tok_nll))
-        sums = torch.zeros(n, device=device).index_add_(0, r_idx, tok_nll) / counts
-        hits = torch.zeros(n, device=device).index_add_(0, r_idx, hit) / counts
-        nll[group] = sums.cpu()
-        acc[group] = hits.cpu()
+    for group, logp, t_ids, r_idx in _answer_batches(model, tokenizer, pairs, max_batch_tokens):
+        tok_nll = -logp.gather(1, t_ids[:, None]).squeeze(1)
+        hit = (logp.argmax(-1) == t_ids).float()
+        counts = torch.zeros(len(group), device=logp.device).index_add_(0, r_idx, torch.ones_like(tok_nll))
+        nll[group] = (torch.zeros_like(counts).index_add_(0, r_idx, tok_nll) / counts).cpu()
+        acc[group] = (torch.zeros_like(counts).index_add_(0, r_idx, hit) / counts).cpu()
     return nll, acc
 
 
@@ -103,22 +116,11 @@ def answer_margins(
 ) -> torch.Tensor:
     """Per pair: how firmly the model gives the answer, teacher-forced: the least, over its tokens, of the log-prob of
     the answer token minus that of the best other token (> 0 exactly when every answer token is the argmax)."""
-    device = next(model.parameters()).device
-    rows, spans, targets = _teacher_forced(tokenizer, pairs)
     out = torch.zeros(len(pairs))
-    head = model.get_output_embeddings()
-    for group in chunks_by_tokens([len(r) for r in rows], max_batch_tokens):
-        batch = pad_right([rows[i] for i in group], tokenizer.pad_token_id).to(device)
-        hidden = model.base_model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-        ).last_hidden_state
-        r_idx = torch.tensor([j for j, i in enumerate(group) for _ in spans[i]], device=device)
-        p_idx = torch.tensor([p for i in group for p in spans[i]], device=device)
-        t_ids = torch.tensor([t for i in group for t in targets[i]], device=device)
-        logp = torch.log_softmax(head(hidden[r_idx, p_idx]).float(), dim=-1)
+    for group, logp, t_ids, r_idx in _answer_batches(model, tokenizer, pairs, max_batch_tokens):
         answer = logp.gather(1, t_ids[:, None]).squeeze(1)
         others = logp.scatter(1, t_ids[:, None], float("-inf")).amax(dim=1)
-        least = torch.full((len(group),), float("inf"), device=device).scatter_reduce(
+        least = torch.full((len(group),), float("inf"), device=logp.device).scatter_reduce(
             0, r_idx, answer - others, reduce="amin")
         out[group] = least.cpu()
     return out
