@@ -177,7 +177,7 @@ PANELS = (
     ("canary perplexity / base", lambda p: p["ppl_ratio"]),
     ("fact retention", lambda p: p["general"]["retention"]),
     ("served efficacy (dotted: pre-edit)", lambda p: p["served_efficacy"]),
-    ("served specificity", lambda p: p["served_specificity"]),
+    ("served specificity (dotted: pre-edit)", lambda p: p["served_specificity"]),
     ("tier share of served edits", lambda p: p["tier_share"]),
 )
 
@@ -198,8 +198,9 @@ def plot(json_path: Path, png_path: Path) -> None:
             pts = [(p["edits"], get(p)) for p in run.get("points", []) if get(p) is not None]
             if pts:
                 line = ax.plot(*zip(*pts, strict=True), marker=".", label=name)[0]
-                if title.startswith("served efficacy"):
-                    pre = [(p["edits"], p["pre_efficacy"]) for p in run["points"] if p["edits"]]
+                if "pre-edit" in title:  # the same probe on the base model, the reference the target is relative to
+                    key = "pre_" + title.split()[1]
+                    pre = [(p["edits"], p[key]) for p in run["points"] if p["edits"] and p.get(key) is not None]
                     if pre:
                         ax.plot(*zip(*pre, strict=True), ":", color=line.get_color())
         ax.set_title(title)
