@@ -172,13 +172,13 @@ def run_many(args: argparse.Namespace) -> None:
     plot(args.out, args.out.with_suffix(".png"))
 
 
-PANELS = (
-    ("KL(base || edited), nats/token", lambda p: p["general"]["kl"]),
-    ("canary perplexity / base", lambda p: p["ppl_ratio"]),
-    ("fact retention", lambda p: p["general"]["retention"]),
-    ("served efficacy (dotted: pre-edit)", lambda p: p["served_efficacy"]),
-    ("served specificity (dotted: pre-edit)", lambda p: p["served_specificity"]),
-    ("tier share of served edits", lambda p: p["tier_share"]),
+PANELS = (  # title, value per point, and the key of its pre-edit value (drawn dotted: what a target is relative to)
+    ("KL(base || edited), nats/token", lambda p: p["general"]["kl"], None),
+    ("canary perplexity / base", lambda p: p["ppl_ratio"], None),
+    ("fact retention", lambda p: p["general"]["retention"], None),
+    ("served efficacy (dotted: pre-edit)", lambda p: p["served_efficacy"], "pre_efficacy"),
+    ("served specificity (dotted: pre-edit)", lambda p: p["served_specificity"], "pre_specificity"),
+    ("tier share of served edits", lambda p: p["tier_share"], None),
 )
 
 
@@ -193,14 +193,13 @@ def plot(json_path: Path, png_path: Path) -> None:
 
     data = json.loads(Path(json_path).read_text())
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
-    for ax, (title, get) in zip(axes.flat, PANELS, strict=True):
+    for ax, (title, get, pre_key) in zip(axes.flat, PANELS, strict=True):
         for name, run in data["runs"].items():
             pts = [(p["edits"], get(p)) for p in run.get("points", []) if get(p) is not None]
             if pts:
                 line = ax.plot(*zip(*pts, strict=True), marker=".", label=name)[0]
-                if "pre-edit" in title:  # the same probe on the base model, the reference the target is relative to
-                    key = "pre_" + title.split()[1]
-                    pre = [(p["edits"], p[key]) for p in run["points"] if p["edits"] and p.get(key) is not None]
+                if pre_key:
+                    pre = [(p["edits"], p[pre_key]) for p in run["points"] if p["edits"] and p.get(pre_key) is not None]
                     if pre:
                         ax.plot(*zip(*pre, strict=True), ":", color=line.get_color())
         ax.set_title(title)
